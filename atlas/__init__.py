@@ -1,0 +1,68 @@
+"""ATLAS: multi-agent orchestration on LangGraph, with MLflow tracing built in.
+
+    from atlas import TaskSpec, run
+    result = run(TaskSpec.from_file("task.yaml"), model="scripted")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtlasError",
+    "BudgetExhausted",
+    "RunContext",
+    "RunResult",
+    "SpecError",
+    "TaskSpec",
+    "__version__",
+    "arun",
+    "build_graph",
+    "build_team",
+    "iter_events",
+    "load_task",
+    "resume",
+    "run",
+]
+
+# Heavy modules (LangGraph, LangChain, MLflow) load on first use, so `import atlas` and
+# `python -m atlas --help` stay fast and have no side effects.
+_LAZY = {
+    "AtlasError": "atlas.errors",
+    "BudgetExhausted": "atlas.errors",
+    "SpecError": "atlas.errors",
+    "TaskSpec": "atlas.spec",
+    "load_task": "atlas.spec",
+    "RunContext": "atlas.context",
+    "RunResult": "atlas.runner",
+    "run": "atlas.runner",
+    "arun": "atlas.runner",
+    "resume": "atlas.runner",
+    "iter_events": "atlas.runner",
+    "build_graph": "atlas.graph",
+    "build_team": "atlas.graph",
+}
+
+if TYPE_CHECKING:
+    from atlas.context import RunContext
+    from atlas.errors import AtlasError, BudgetExhausted, SpecError
+    from atlas.graph import build_graph, build_team
+    from atlas.runner import RunResult, arun, iter_events, resume, run
+    from atlas.spec import TaskSpec, load_task
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'atlas' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

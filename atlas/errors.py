@@ -1,0 +1,53 @@
+"""Typed errors. The CLI maps each family to an exit code; none of them prints a traceback."""
+
+from __future__ import annotations
+
+
+class AtlasError(Exception):
+    """Base class for every error ATLAS raises on purpose."""
+
+    exit_code = 3
+
+
+class SpecError(AtlasError):
+    """A task, agent or persona file is missing or invalid (bad input: exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None) -> None:
+        self.file = file
+        self.field = field
+        self.detail = message
+        parts = [p for p in (file, field) if p]
+        super().__init__(": ".join([*parts, message]))
+
+
+class ModelConfigError(AtlasError):
+    """No usable model is configured, or a model spec names an unknown provider (exit code 2)."""
+
+    exit_code = 2
+
+
+class BudgetExhausted(AtlasError):
+    """A budget limit was reached. Raised before the model call that would exceed it."""
+
+    exit_code = 1
+
+    def __init__(self, limit: str, used: float, maximum: float) -> None:
+        self.limit = limit
+        self.used = used
+        self.maximum = maximum
+        super().__init__(f"budget exhausted: {limit} used {used:g} of {maximum:g}")
+
+
+class RunNotFound(AtlasError):
+    """`atlas resume RUN_ID` named a run that does not exist in the state directory."""
+
+    exit_code = 2
+
+
+class ToolError(AtlasError):
+    """A tool refused its input (for example a path outside the workspace).
+
+    Tools return the message to the model instead of failing the run.
+    """

@@ -1,0 +1,172 @@
+"""The run graph: plan -> dispatch -> team:<name> (in parallel) -> dispatch ... -> judge -> plan | finalize.
+
+Node names are stable (`plan`, `dispatch`, `team:<name>`, `judge`, `finalize`) so traces and
+checkpoints read well. `dispatch` sends every ready step at once with `Send`; a step is ready when
+every step it depends on has a result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Send
+
+from atlas.context import RunContext
+from atlas.graph.effects import Body, node
+from atlas.graph.events import emit
+from atlas.graph.judge import current_output, judge_body
+from atlas.graph.planner import plan_body
+from atlas.graph.state import RunState
+from atlas.graph.team import build_team
+from atlas.models.usage import totals
+
+MAX_CONTEXT_PER_STEP = 2500
+
+
+def ready_steps(state: dict[str, Any]) -> list[dict[str, Any]]:
+    done = set((state.get("results") or {}).keys())
+    return [
+        s for s in state.get("plan") or []
+        if s["id"] not in done and all(d in done for d in s["depends_on"])
+    ]
+
+
+def dispatch_body(state: dict[str, Any], ctx: RunContext) -> Body:
+    ready = [] if state.get("stop_reason") else ready_steps(state)
+    steps_left = ctx.spec.budget.max_steps - len(state.get("results") or {})
+    update: dict[str, Any] = {}
+    if len(ready) > steps_left:
+        ready = ready[: max(0, steps_left)]
+        if not ready:
+            reason = f"budget exhausted: max_steps ({ctx.spec.budget.max_steps})"
+            ctx.tracer.event("budget_stop", {"limit": "max_steps"})
+            emit({"event": "budget_stop", "limit": "max_steps"})
+            update["stop_reason"] = reason
+    if not update.get("stop_reason") and not state.get("stop_reason"):
+        try:
+            ctx.budget.check()
+        except Exception as exc:  # BudgetExhausted
+            update["stop_reason"] = str(exc)
+            ready = []
+    ids = [s["id"] for s in ready]
+    if ids:
+        with ctx.tracer.span(
+            "dispatch", attributes={"atlas.wave": ids, "atlas.parallel": len(ids)}
+        ) as span:
+            span.set_outputs({"steps": ids})
+        emit({"event": "dispatch", "steps": ids, "teams": [s["team"] for s in ready]})
+    update["wave"] = ids
+    return update
+    yield
+
+
+def _context_for(step: dict[str, Any], results: dict[str, Any]) -> str:
+    parts = []
+    for dep in step["depends_on"]:
+        res = results.get(dep)
+        if res:
+            text = res.get("output", "")
+            if len(text) > MAX_CONTEXT_PER_STEP:
+                text = text[:MAX_CONTEXT_PER_STEP] + " ...[cut]"
+            parts.append(f"### {dep} ({res.get('team')})\n{text}")
+    return "\n\n".join(parts)
+
+
+def route_dispatch(state: dict[str, Any], ctx_task: str, criteria: list[str]) -> Any:
+    if state.get("stop_reason"):
+        return "finalize"
+    wave = set(state.get("wave") or [])
+    sends = []
+    results = state.get("results") or {}
+    for step in state.get("plan") or []:
+        if step["id"] in wave:
+            emit({"event": "step_start", "id": step["id"], "team": step["team"]})
+            payload = {
+                "task": ctx_task,
+                "step": step,
+                "context": _context_for(step, results),
+                "criteria": criteria,
+                "iteration": state.get("iteration", 1),
+            }
+            sends.append(Send(f"team.{step['team']}", payload))
+    return sends or "judge"
+
+
+def route_judge(state: dict[str, Any], max_iterations: int) -> str:
+    verdict = state.get("verdict") or {}
+    if state.get("stop_reason") or verdict.get("passed"):
+        return "finalize"
+    if int(state.get("iteration", 1)) >= max_iterations:
+        return "finalize"
+    return "plan"
+
+
+def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
+    verdict = state.get("verdict") or {}
+    stop = state.get("stop_reason")
+    if verdict.get("passed"):
+        status = "passed"
+    elif stop and stop.startswith("budget exhausted"):
+        status = "budget_exhausted"
+    else:
+        status = "failed"
+    if status == "failed" and not stop and int(state.get("iteration", 1)) >= ctx.spec.budget.max_iterations:
+        stop = f"max_iterations ({ctx.spec.budget.max_iterations}) reached without passing"
+    if status == "budget_exhausted":
+        with ctx.tracer.span("budget_stop", attributes={"atlas.stop_reason": stop}):
+            pass
+    output = current_output(state, ctx)
+    path = write_output(ctx.spec.output_path, output)
+    plan_file = ctx.run_dir / "plan.json"
+    plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
+    run = totals(state.get("usage"))
+    emit({"event": "finalize", "status": status, "output": str(path), "stop_reason": stop,
+          "tokens": run["tokens"]})
+    return {"status": status, "output_path": str(path), "stop_reason": stop}
+    yield
+
+
+def write_output(path: Path, text: str) -> Path:
+    """Write atomically: a crash mid-write never leaves a half-written output file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def build_run_graph(ctx_or_spec: Any, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:
+    """The top-level graph for a task, uncompiled."""
+    spec = ctx_or_spec.spec if isinstance(ctx_or_spec, RunContext) else ctx_or_spec
+    from atlas.registry import Registry
+
+    registry = ctx_or_spec.registry if isinstance(ctx_or_spec, RunContext) else Registry.for_spec(spec)
+    task = spec.task.strip()
+    criteria = list(spec.acceptance)
+    max_iterations = spec.budget.max_iterations
+    graph: StateGraph[Any, Any, Any, Any] = StateGraph(RunState, context_schema=RunContext)
+    graph.add_node("plan", node("plan", plan_body, fallback))
+    graph.add_node("dispatch", node("dispatch", dispatch_body, fallback))
+    team_nodes = []
+    for name in spec.teams:
+        team_graph = build_team(registry.team(name), fallback=fallback).compile()
+        graph.add_node(f"team.{name}", team_graph)
+        graph.add_edge(f"team.{name}", "dispatch")
+        team_nodes.append(f"team.{name}")
+    graph.add_node("judge", node("judge", judge_body, fallback))
+    graph.add_node("finalize", node("finalize", finalize_body, fallback))
+    graph.add_edge(START, "plan")
+    graph.add_edge("plan", "dispatch")
+    graph.add_conditional_edges(
+        "dispatch",
+        lambda state: route_dispatch(state, task, criteria),
+        [*team_nodes, "judge", "finalize"],
+    )
+    graph.add_conditional_edges(
+        "judge", lambda state: route_judge(state, max_iterations), ["plan", "finalize"]
+    )
+    graph.add_edge("finalize", END)
+    return graph

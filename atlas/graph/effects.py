@@ -1,0 +1,190 @@
+"""Model and tool calls as effects, so each node is written once and runs sync or async.
+
+A node body is a generator: it yields `ModelCall` and `ToolRun` effects and receives their
+results. `node()` wraps it into a LangGraph node with a real sync path (`invoke`) and a real async
+path (`ainvoke`: model calls awaited, sync tools sent to a thread). Budget checks, usage accounting
+and the per-call attributes on traces happen here, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.tools import BaseTool
+from langgraph.runtime import get_runtime
+from pydantic import BaseModel
+
+from atlas.context import RunContext
+from atlas.errors import ModelConfigError
+from atlas.models.usage import Usage, call_usage
+
+
+@dataclass
+class ModelCall:
+    """One chat-model call for a role."""
+
+    role: str
+    """`planner`, `judge`, `supervisor` or `team:<name>` (workers)."""
+    messages: list[BaseMessage]
+    team: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | None = None
+    schema: type[BaseModel] | None = None
+    """Structured output: the result's `parsed` holds an instance, or None if unparseable."""
+    run_name: str | None = None
+
+
+@dataclass
+class CallResult:
+    message: AIMessage
+    parsed: BaseModel | None = None
+    parse_error: str | None = None
+    usage: Usage = field(default_factory=dict)
+
+
+@dataclass
+class ToolRun:
+    tool: BaseTool
+    args: dict[str, Any]
+
+
+Effect = ModelCall | ToolRun
+Body = Generator[Effect, Any, Any]
+
+
+def _runnable(ctx: RunContext, call: ModelCall) -> Runnable[Any, Any]:
+    model = ctx.models.get(call.role)
+    if call.schema is not None:
+        return model.with_structured_output(call.schema, include_raw=True)
+    if call.tools:
+        return model.bind_tools(call.tools, tool_choice=call.tool_choice)
+    return model
+
+
+def _finish(ctx: RunContext, call: ModelCall, out: Any) -> CallResult:
+    if isinstance(out, dict):
+        message = out.get("raw")
+        parsed = out.get("parsed")
+        error = out.get("parsing_error")
+        result = CallResult(
+            message if isinstance(message, AIMessage) else AIMessage(content=str(message)),
+            parsed if isinstance(parsed, BaseModel) else None,
+            str(error) if error else None,
+        )
+    else:
+        result = CallResult(out if isinstance(out, AIMessage) else AIMessage(content=str(out)))
+    meta = result.message.usage_metadata or {}
+    inp, outp = int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0))
+    label = ctx.models.label(call.role)
+    cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp)
+    result.usage = call_usage(model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost)
+    return result
+
+
+def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None) -> CallResult:
+    ctx.budget.reserve()
+    try:
+        runnable = _runnable(ctx, call)
+        out = runnable.invoke(call.messages, config=_config(call, config))
+    except BaseException:
+        ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
+        raise
+    return _finish(ctx, call, out)
+
+
+async def arun_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None) -> CallResult:
+    ctx.budget.reserve()
+    try:
+        runnable = _runnable(ctx, call)
+        out = await runnable.ainvoke(call.messages, config=_config(call, config))
+    except BaseException:
+        ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
+        raise
+    return _finish(ctx, call, out)
+
+
+def _config(call: ModelCall, config: RunnableConfig | None) -> RunnableConfig:
+    cfg: RunnableConfig = {"run_name": call.run_name} if call.run_name else {}
+    if config is not None and config.get("callbacks") is not None:
+        cfg["callbacks"] = config["callbacks"]
+    return cfg
+
+
+def _drive(body: Body, ctx: RunContext, config: RunnableConfig | None) -> Any:
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = body.throw(error) if error is not None else body.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            if isinstance(effect, ModelCall):
+                value = run_model(ctx, effect, config)
+            else:
+                value = effect.tool.invoke(effect.args, config=_tool_config(config))
+        except (ModelConfigError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            error = exc
+
+
+async def _adrive(body: Body, ctx: RunContext, config: RunnableConfig | None) -> Any:
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = body.throw(error) if error is not None else body.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            if isinstance(effect, ModelCall):
+                value = await arun_model(ctx, effect, config)
+            else:
+                value = await effect.tool.ainvoke(effect.args, config=_tool_config(config))
+        except ModelConfigError:
+            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            error = exc
+
+
+def _tool_config(config: RunnableConfig | None) -> RunnableConfig:
+    if config is not None and config.get("callbacks") is not None:
+        return {"callbacks": config["callbacks"]}
+    return {}
+
+
+NodeBody = Callable[[dict[str, Any], RunContext], Body]
+
+
+def current_context(fallback: Callable[[], RunContext] | None = None) -> RunContext:
+    runtime = get_runtime()
+    ctx = runtime.context if runtime is not None else None
+    if isinstance(ctx, RunContext):
+        return ctx
+    if fallback is not None:
+        return fallback()
+    raise ModelConfigError("this graph needs an atlas RunContext: use atlas.run() or pass context=")
+
+
+def node(name: str, body: NodeBody, fallback: Callable[[], RunContext] | None = None) -> Runnable[Any, Any]:
+    """Make a LangGraph node, with sync and async paths, from a generator body."""
+
+    def sync(state: dict[str, Any], config: RunnableConfig) -> Any:
+        ctx = current_context(fallback)
+        return _drive(body(state, ctx), ctx, config)
+
+    async def asyn(state: dict[str, Any], config: RunnableConfig) -> Any:
+        ctx = current_context(fallback)
+        return await _adrive(body(state, ctx), ctx, config)
+
+    return RunnableLambda(sync, afunc=asyn, name=name)

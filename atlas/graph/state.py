@@ -1,0 +1,139 @@
+"""Graph state and the typed structured outputs of the planner and the judge.
+
+State holds plain JSON-able values (dicts, lists, strings) so checkpoints stay portable. It carries
+step results, not chat histories: a worker sees its instruction, the results its step depends on,
+and what it retrieves.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import BaseModel, Field, create_model
+
+from atlas.models.usage import Usage, merge_usage
+
+# -- structured outputs (the edge with the models) -----------------------------------------------
+
+
+class CriterionResult(BaseModel):
+    """The judge's finding on one acceptance criterion."""
+
+    criterion: str = Field(description="The criterion, as given")
+    passed: bool
+    reason: str = Field(description="One sentence: why it passed or failed")
+
+
+class Verdict(BaseModel):
+    """The judge's decision on the output."""
+
+    passed: bool = Field(description="True only if every criterion is met")
+    score: float = Field(ge=0, le=1, description="Overall quality from 0 to 1")
+    criteria: list[CriterionResult] = Field(description="One entry per acceptance criterion")
+    feedback: str = Field(description="What to change to pass; empty if passed")
+
+
+class StepModel(BaseModel):
+    id: str = Field(description="Short unique id, e.g. research_1")
+    team: str
+    instruction: str = Field(description="What the team must do, self-contained")
+    depends_on: list[str] = Field(description="Ids of steps whose results this step needs")
+
+
+def plan_schema(teams: list[str]) -> type[BaseModel]:
+    """The `Plan` output schema for one task: `team` is an enum of the task's teams."""
+    team_type: Any = Literal[tuple(teams)]  # type: ignore[valid-type]
+    step = create_model(
+        "Step",
+        __base__=StepModel,
+        team=(team_type, Field(description="Which team does this step")),
+    )
+    return create_model(
+        "Plan",
+        steps=(list[step], Field(description="Steps; independent steps run in parallel")),  # type: ignore[valid-type]
+        rationale=(str, Field(description="One or two sentences on the plan")),
+        __doc__="A plan: steps for the teams, with dependencies.",
+    )
+
+
+# -- reducers -------------------------------------------------------------------------------------
+
+
+def merge_dicts(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    return {**(left or {}), **(right or {})}
+
+
+def first_set(left: Any, right: Any) -> Any:
+    """Keeps the first value written (the first stop reason wins)."""
+    return left if left else right
+
+
+def append(left: list[Any] | None, right: list[Any] | None) -> list[Any]:
+    return [*(left or []), *(right or [])]
+
+
+# -- state ----------------------------------------------------------------------------------------
+
+
+class StepResult(TypedDict, total=False):
+    id: str
+    team: str
+    instruction: str
+    iteration: int
+    output: str
+    summary: str
+    workers: list[str]
+    handoffs: int
+    status: Literal["done", "stopped", "budget_exhausted"]
+    note: str
+
+
+class RunState(TypedDict, total=False):
+    """The top-level graph's state."""
+
+    task: str
+    iteration: int
+    plan: list[dict[str, Any]]
+    """The current iteration's steps (ids prefixed with the iteration: `2.research`)."""
+    plans: Annotated[list[dict[str, Any]], append]
+    """Every plan made, with its iteration and whether it was repaired."""
+    wave: list[str]
+    """Step ids dispatched in the current wave."""
+    results: Annotated[dict[str, StepResult], merge_dicts]
+    verdict: dict[str, Any] | None
+    verdicts: Annotated[list[dict[str, Any]], append]
+    usage: Annotated[Usage, merge_usage]
+    stop_reason: Annotated[str | None, first_set]
+    status: str
+    output_path: str | None
+
+
+class TeamInput(TypedDict):
+    """What a team receives for one step (the `Send` payload)."""
+
+    task: str
+    step: dict[str, Any]
+    context: str
+    criteria: list[str]
+    iteration: int
+
+
+class TeamOutput(TypedDict, total=False):
+    results: dict[str, StepResult]
+    usage: Usage
+    stop_reason: str | None
+
+
+class TeamState(TeamInput, total=False):
+    """A team's private state while it works on one step."""
+
+    messages: list[Any]
+    """The supervisor's own short conversation for this step."""
+    reports: Annotated[list[dict[str, str]], append]
+    handoffs: Annotated[list[dict[str, str]], append]
+    assignment: str
+    summary: str
+    note: str
+    results: Annotated[dict[str, StepResult], merge_dicts]
+    usage: Annotated[Usage, merge_usage]
+    stop_reason: Annotated[str | None, first_set]

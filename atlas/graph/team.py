@@ -1,0 +1,308 @@
+"""A team: a supervisor routing one step between its worker agents.
+
+`build_team(team_def)` returns an uncompiled `StateGraph`; the caller compiles it (as a subgraph
+of the run graph, or alone with its own checkpointer). The supervisor hands work over with
+handoff tools (`transfer_to_<worker>`, `finish`); handoffs are bounded by `budget.max_handoffs`,
+and a supervisor bouncing between two workers (A, B, A, B) is stopped as ping-pong.
+
+Each worker is a tool-calling agent limited to the tools its definition lists: its tool set comes
+from `agents/*.yaml`, never from text it read. Repeating the same tool call is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import StructuredTool
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command
+from pydantic import BaseModel, Field
+
+from atlas.context import RunContext
+from atlas.errors import BudgetExhausted
+from atlas.graph.effects import Body, CallResult, ModelCall, ToolRun, node
+from atlas.graph.events import emit
+from atlas.graph.state import StepResult, TeamInput, TeamOutput, TeamState
+from atlas.models.usage import Usage, merge_usage
+from atlas.registry import TeamDef, WorkerDef
+from atlas.tools import make_tools
+
+FINISH = "finish"
+MAX_REPORT = 3000
+
+
+class _Transfer(BaseModel):
+    task: str = Field(description="What the worker should do, in one or two sentences")
+    reason: str = Field(description="Why this worker, in one sentence")
+
+
+class _Finish(BaseModel):
+    summary: str = Field(description="Short summary of the step's result")
+
+
+def handoff_tools(team: TeamDef) -> list[StructuredTool]:
+    """One `transfer_to_<worker>` tool per worker, plus `finish`.
+
+    The tools are schemas for the supervisor model; routing happens in the supervisor node, which
+    turns the chosen call into `Command(goto=<worker>)`.
+    """
+    tools = [
+        StructuredTool.from_function(
+            func=lambda task, reason: "",
+            name=f"transfer_to_{w.name}",
+            description=f"Hand the work to {w.name}: {w.description}",
+            args_schema=_Transfer,
+        )
+        for w in team.workers
+    ]
+    tools.append(
+        StructuredTool.from_function(
+            func=lambda summary: "",
+            name=FINISH,
+            description="The step is done: finish with a short summary",
+            args_schema=_Finish,
+        )
+    )
+    return tools
+
+
+def _clip(text: str, limit: int = MAX_REPORT) -> str:
+    return text if len(text) <= limit else text[:limit] + " ...[cut]"
+
+
+def _step_header(state: dict[str, Any]) -> str:
+    step = state["step"]
+    lines = [f"Task: {state['task'].strip()}", f"Step: {step['instruction']}"]
+    if state.get("criteria"):
+        lines.append("Acceptance criteria of the whole task:")
+        lines += [f"{i}. {c}" for i, c in enumerate(state["criteria"], 1)]
+    if state.get("context"):
+        lines += ["", "Results of earlier steps:", state["context"]]
+    return "\n".join(lines)
+
+
+def _ping_pong(handoffs: list[dict[str, str]]) -> bool:
+    names = [h["to"] for h in handoffs[-4:]]
+    return len(names) == 4 and names[0] == names[2] and names[1] == names[3] and names[0] != names[1]
+
+
+def supervisor_body(team: TeamDef) -> Any:
+    worker_names = [w.name for w in team.workers]
+    tools = handoff_tools(team)
+
+    def body(state: dict[str, Any], ctx: RunContext) -> Body:
+        step = state["step"]
+        handoffs = state.get("handoffs") or []
+        limit = ctx.spec.budget.max_handoffs
+        persona = ctx.registry.persona(team.supervisor.persona)
+        messages: list[BaseMessage] = list(state.get("messages") or [])
+        if not messages:
+            roster = "\n".join(f"- {w.name}: {w.description}" for w in team.workers)
+            messages = [
+                SystemMessage(f"{persona.prompt}\n\nYour workers:\n{roster}"),
+                HumanMessage(_step_header(state)),
+            ]
+        stop_note = None
+        if state.get("stop_reason"):
+            return Command(goto="report")
+        if len(handoffs) >= limit:
+            stop_note = f"handoff limit reached ({limit})"
+        elif _ping_pong(handoffs):
+            stop_note = f"ping-pong between {handoffs[-1]['to']} and {handoffs[-2]['to']} stopped"
+        if stop_note:
+            ctx.tracer.event("loop_guard", {"team": team.name, "step": step["id"], "reason": stop_note})
+            return Command(goto="report", update={"note": stop_note})
+        try:
+            result: CallResult = yield ModelCall(
+                role="supervisor",
+                team=team.name,
+                messages=messages,
+                tools=tools,
+                tool_choice="any",
+                run_name=f"supervisor:{team.name}",
+            )
+        except BudgetExhausted as exc:
+            return Command(goto="report", update={"note": str(exc), "stop_reason": str(exc)})
+        call = result.message.tool_calls[0] if result.message.tool_calls else None
+        target, args = _decide(call, worker_names, handoffs)
+        if target == FINISH:
+            summary = str(args.get("summary", "")) if isinstance(args, dict) else ""
+            return Command(goto="report", update={"summary": summary, "usage": result.usage})
+        reason = str(args.get("reason", "")) or "no reason given"
+        task = str(args.get("task", "")) or step["instruction"]
+        call_id = call["id"] if call and call.get("id") else f"handoff_{len(handoffs) + 1}"
+        routed = AIMessage(
+            content="",
+            tool_calls=[{"name": f"transfer_to_{target}", "args": {"task": task, "reason": reason}, "id": call_id}],
+        )
+        handoff = {"from": "supervisor", "to": target, "reason": reason, "call_id": call_id}
+        with ctx.tracer.span(
+            f"handoff:{team.name}->{target}",
+            span_type="CHAIN",
+            inputs={"task": task},
+            attributes={"atlas.handoff.from": "supervisor", "atlas.handoff.to": target,
+                        "atlas.handoff.reason": reason, "atlas.step": step["id"]},
+        ):
+            pass
+        emit({"event": "handoff", "team": team.name, "step": step["id"], "to": target, "reason": reason})
+        return Command(
+            goto=target,
+            update={
+                "messages": [*messages, routed],
+                "handoffs": [handoff],
+                "assignment": task,
+                "usage": result.usage,
+            },
+        )
+
+    return body
+
+
+def _decide(
+    call: dict[str, Any] | None, workers: list[str], handoffs: list[dict[str, str]]
+) -> tuple[str, dict[str, Any]]:
+    """Where the supervisor's tool call routes; repairs a missing or unknown choice."""
+    if call is not None:
+        name = str(call.get("name", ""))
+        args = call.get("args") if isinstance(call.get("args"), dict) else {}
+        if name == FINISH and handoffs:
+            return FINISH, args
+        target = name.removeprefix("transfer_to_")
+        if target in workers:
+            return target, args
+    used = {h["to"] for h in handoffs}
+    for worker in workers:
+        if worker not in used:
+            return worker, {"reason": "routed by ATLAS: the supervisor's choice was unusable"}
+    return FINISH, {"summary": ""}
+
+
+def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
+    def body(state: dict[str, Any], ctx: RunContext) -> Body:
+        step = state["step"]
+        persona = ctx.registry.persona(worker.persona)
+        tools = make_tools(worker.tools, ctx.workspace)
+        by_name = {t.name: t for t in tools}
+        max_calls = ctx.spec.budget.max_tool_calls
+        lines = [_step_header(state), "", f"Your task: {state.get('assignment') or step['instruction']}"]
+        reports = state.get("reports") or []
+        if reports:
+            lines += ["", "Reports from your teammates on this step:"]
+            lines += [f"[{r['worker']}] {_clip(r['report'], 1500)}" for r in reports]
+        messages: list[BaseMessage] = [SystemMessage(persona.prompt), HumanMessage("\n".join(lines))]
+        usage: Usage = {}
+        calls_made = 0
+        seen_calls: set[str] = set()
+        note = ""
+        report = ""
+        with ctx.tracer.span(
+            f"worker:{worker.name}",
+            span_type="AGENT",
+            inputs={"task": state.get("assignment") or step["instruction"]},
+            attributes={"atlas.team": team.name, "atlas.worker": worker.name, "atlas.step": step["id"],
+                        "atlas.persona": persona.name, "atlas.tools": worker.tools},
+        ) as span:
+            while True:
+                allow_tools = bool(tools) and calls_made < max_calls and not note
+                try:
+                    result: CallResult = yield ModelCall(
+                        role=f"team:{team.name}",
+                        team=team.name,
+                        messages=messages,
+                        tools=tools if allow_tools else None,
+                        tool_choice="any" if allow_tools and calls_made == 0 else None,
+                        run_name=f"worker:{worker.name}",
+                    )
+                except BudgetExhausted as exc:
+                    note = str(exc)
+                    report = report or "(stopped by the budget before answering)"
+                    break
+                usage = merge_usage(usage, result.usage)
+                message = result.message
+                wanted = [c for c in message.tool_calls if allow_tools]
+                if not wanted:
+                    report = str(message.content or "").strip() or "(no answer)"
+                    break
+                messages.append(message)
+                for call in wanted:
+                    key = json.dumps([call["name"], call.get("args")], sort_keys=True, default=str)
+                    tool = by_name.get(call["name"])
+                    if tool is None:
+                        output = f"error: no tool named {call['name']!r}; yours: {', '.join(by_name)}"
+                    elif key in seen_calls:
+                        output = "error: you already made this exact call; answer with what you have"
+                        note = "repeated tool call refused"
+                        ctx.tracer.event("loop_guard", {"worker": worker.name, "reason": note})
+                    elif calls_made >= max_calls:
+                        output = f"error: tool call limit ({max_calls}) reached; answer now"
+                    else:
+                        seen_calls.add(key)
+                        calls_made += 1
+                        try:
+                            output = yield ToolRun(tool, dict(call.get("args") or {}))
+                        except Exception as exc:
+                            output = f"error: {type(exc).__name__}: {exc}"
+                    messages.append(ToolMessage(content=str(output), tool_call_id=call["id"], name=call["name"]))
+            span.set_outputs({"report": _clip(report, 1000)})
+            span.set_attributes({"atlas.tool_calls": calls_made})
+        sup_messages = list(state.get("messages") or [])
+        call_id = (state.get("handoffs") or [{}])[-1].get("call_id", "handoff")
+        sup_messages.append(
+            ToolMessage(content=f"{worker.name} reported:\n{_clip(report)}", tool_call_id=call_id)
+        )
+        update: dict[str, Any] = {
+            "messages": sup_messages,
+            "reports": [{"worker": worker.name, "report": report}],
+            "usage": usage,
+        }
+        if note.startswith("budget exhausted"):
+            update["stop_reason"] = note
+            update["note"] = note
+        return update
+
+    return body
+
+
+def report_body(team: TeamDef) -> Any:
+    def body(state: dict[str, Any], ctx: RunContext) -> Body:
+        step = state["step"]
+        reports = state.get("reports") or []
+        output = "\n\n".join(f"[{r['worker']}]\n{r['report']}" for r in reports) or "(no reports)"
+        stop = state.get("stop_reason")
+        status = "budget_exhausted" if stop else ("stopped" if state.get("note") else "done")
+        result: StepResult = {
+            "id": step["id"],
+            "team": team.name,
+            "instruction": step["instruction"],
+            "iteration": state.get("iteration", 1),
+            "output": output,
+            "summary": state.get("summary", ""),
+            "workers": [r["worker"] for r in reports],
+            "handoffs": len(state.get("handoffs") or []),
+            "status": status,
+            "note": state.get("note", ""),
+        }
+        emit({"event": "step_done", "id": step["id"], "team": team.name, "status": status,
+              "workers": result["workers"], "note": result["note"]})
+        return {"results": {step["id"]: result}}
+        yield  # a generator body that makes no calls
+
+    return body
+
+
+def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:
+    """The team's supervisor graph, uncompiled: START -> supervisor <-> workers -> report."""
+    graph: StateGraph[Any, Any, Any, Any] = StateGraph(
+        TeamState, input_schema=TeamInput, output_schema=TeamOutput
+    )
+    graph.add_node("supervisor", node("supervisor", supervisor_body(team), fallback),
+                   destinations=(*[w.name for w in team.workers], "report"))
+    for worker in team.workers:
+        graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
+        graph.add_edge(worker.name, "supervisor")
+    graph.add_node("report", node("report", report_body(team), fallback))
+    graph.add_edge(START, "supervisor")
+    graph.add_edge("report", END)
+    return graph

@@ -1,0 +1,117 @@
+"""Which chat model each role uses, resolved from `provider:model` specs.
+
+Roles: `planner`, `judge`, `supervisor`, and one per team (`team:research`, ...) for workers.
+A role without its own model uses `models.default`; with none configured, a provider key in the
+environment picks that provider's small model; failing that, the offline local model is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from atlas.errors import ModelConfigError
+from atlas.spec import ModelSpec, parse_model_string
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+
+    from atlas.spec import TaskSpec
+
+KEY_DEFAULTS = (
+    ("OPENAI_API_KEY", "openai:gpt-4o-mini"),
+    ("ANTHROPIC_API_KEY", "anthropic:claude-haiku-4-5"),
+)
+
+
+def default_model_spec() -> ModelSpec:
+    """The model used when a task configures none."""
+    for env, model in KEY_DEFAULTS:
+        if os.environ.get(env):
+            return ModelSpec(model=model)
+    return ModelSpec(model="local")
+
+
+def resolve_model(spec: ModelSpec) -> BaseChatModel:
+    """Build the LangChain chat model for one spec."""
+    provider, name, params = parse_model_string(spec.model)
+    options: dict[str, Any] = {**params, **spec.params}
+    if provider == "scripted":
+        from atlas.testing import ScriptedModel
+
+        return ScriptedModel(**options)
+    if provider == "local":
+        from atlas.models.local import local_chat_model
+
+        return local_chat_model(spec, options)
+    if spec.temperature is not None:
+        options["temperature"] = spec.temperature
+    if spec.max_tokens is not None:
+        options["max_tokens"] = spec.max_tokens
+    if spec.timeout_s is not None:
+        options["timeout"] = spec.timeout_s
+    if spec.base_url:
+        options["base_url"] = spec.base_url
+    if spec.api_key_env:
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            raise ModelConfigError(
+                f"model {spec.model}: environment variable {spec.api_key_env} is not set"
+            )
+        options["api_key"] = key
+    elif not spec.base_url:
+        env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}[provider]
+        if not os.environ.get(env):
+            raise ModelConfigError(f"model {spec.model} needs {env} to be set (or api_key_env)")
+    options.setdefault("max_retries", 0)  # retries are ATLAS's, see atlas.models.calls
+    from langchain.chat_models import init_chat_model
+
+    try:
+        return init_chat_model(name, model_provider=provider, **options)
+    except ImportError as exc:
+        raise ModelConfigError(f"model {spec.model}: {exc}") from None
+
+
+@dataclass
+class ModelRoles:
+    """The resolved model for every role of one run. Instances are shared between roles."""
+
+    spec: TaskSpec
+    override: str | None = None
+    """`--model` from the command line: replaces every role's model."""
+    _cache: dict[str, BaseChatModel] = field(default_factory=dict)
+
+    def spec_for(self, role: str) -> ModelSpec:
+        if self.override:
+            return ModelSpec(model=self.override)
+        models = self.spec.models
+        chosen: ModelSpec | None
+        if role.startswith("team:"):
+            chosen = models.teams.get(role.removeprefix("team:"))
+        else:
+            chosen = getattr(models, role, None)
+        return chosen or models.default or default_model_spec()
+
+    def get(self, role: str) -> BaseChatModel:
+        spec = self.spec_for(role)
+        key = spec.model_dump_json()
+        if key not in self._cache:
+            self._cache[key] = resolve_model(spec)
+        return self._cache[key]
+
+    def label(self, role: str) -> str:
+        return self.spec_for(role).model
+
+    def describe(self) -> dict[str, str]:
+        roles = ["planner", "judge", "supervisor", *(f"team:{t}" for t in self.spec.teams)]
+        return {role: self.label(role) for role in roles}
+
+
+def check_override(value: str) -> str:
+    """Validate a `--model` value; raises ModelConfigError with the parser's message."""
+    try:
+        parse_model_string(value)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
+    return value

@@ -1,0 +1,364 @@
+"""Running a task: `run()`, `arun()` and `resume()`.
+
+A run has an id, a record in `<state dir>/runs.db`, checkpoints after every step (LangGraph's
+SQLite saver, synchronous durability, so a SIGKILL loses at most the steps in flight), and one
+MLflow trace. Progress events go to `on_event`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atlas.context import RunContext
+from atlas.errors import AtlasError
+from atlas.models.usage import totals
+from atlas.runs import RunRecord, RunStore, now, spec_to_json, state_dir, sync_checkpointer
+from atlas.spec import TaskSpec
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run, as printed by `python -m atlas run --json`."""
+
+    run_id: str
+    status: str
+    """passed, failed, budget_exhausted, error or interrupted."""
+    output: str | None
+    """Path of the output file."""
+    iterations: int
+    tokens: int
+    input_tokens: int
+    output_tokens: int
+    model_calls: int
+    cost_usd: float | None
+    """Absent (None) when a model's price is unknown."""
+    wall_s: float
+    trace_id: str | None
+    tracking_uri: str | None
+    score: float | None = None
+    stop_reason: str | None = None
+    models: dict[str, str] = field(default_factory=dict)
+    by_team: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resumed: bool = False
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str)
+
+
+def _recursion_limit(spec: TaskSpec) -> int:
+    b = spec.budget
+    per_iteration = 4 + 2 * b.max_steps
+    return max(200, b.max_iterations * per_iteration + 4 * b.max_handoffs + 50)
+
+
+def _summarize(ctx: RunContext, values: dict[str, Any], wall: float, trace: Any, resumed: bool) -> RunResult:
+    usage = values.get("usage") or {}
+    run = totals(usage)
+    cost = run.get("cost_usd") if not run.get("cost_unknown_calls") else None
+    verdict = values.get("verdict") or {}
+    by_team = {k.removeprefix("team:"): totals(usage, k) for k in usage if k.startswith("team:")}
+    for counters in by_team.values():
+        if counters.get("cost_unknown_calls"):
+            counters.pop("cost_usd", None)
+    return RunResult(
+        run_id=ctx.run_id,
+        status=values.get("status") or "failed",
+        output=values.get("output_path"),
+        iterations=int(values.get("iteration") or 0),
+        tokens=run["tokens"],
+        input_tokens=run["input_tokens"],
+        output_tokens=run["output_tokens"],
+        model_calls=run["calls"],
+        cost_usd=round(cost, 6) if isinstance(cost, float | int) else None,
+        wall_s=round(wall, 3),
+        trace_id=getattr(trace, "trace_id", None),
+        tracking_uri=getattr(trace, "tracking_uri", None),
+        score=verdict.get("score"),
+        stop_reason=values.get("stop_reason"),
+        models=ctx.models.describe(),
+        by_team=by_team,
+        resumed=resumed,
+    )
+
+
+def _salvage_output(ctx: RunContext, values: dict[str, Any]) -> str | None:
+    """After a failure, write what was produced so far, so no finished work is lost."""
+    from atlas.graph.build import write_output
+    from atlas.graph.judge import current_output
+
+    if not values.get("results") and not ctx.workspace.drafts.count():
+        return None
+    text = current_output(values, ctx)
+    partial = ctx.spec.output_path.with_name(ctx.spec.output_path.stem + ".partial.md")
+    return str(write_output(partial, text))
+
+
+def run(
+    spec: TaskSpec,
+    *,
+    model: str | None = None,
+    state_dir_path: str | os.PathLike[str] | None = None,
+    run_id: str | None = None,
+    on_event: EventHandler | None = None,
+    tracking_uri: str | None = None,
+    task_file: str | None = None,
+    _resume: bool = False,
+) -> RunResult:
+    """Run a task to the end (passed, failed, or a budget stop) and return its summary."""
+    directory = state_dir(state_dir_path)
+    store = RunStore(directory)
+    from atlas.tracing.setup import start_tracing
+
+    tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
+    ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model, tracer=tracer)
+    if not _resume:
+        store.start(
+            RunRecord(
+                run_id=ctx.run_id,
+                name=spec.display_name,
+                task_file=task_file,
+                spec_json=spec_to_json(spec),
+                model=model,
+                status="running",
+                started_at=now(),
+                pid=os.getpid(),
+            )
+        )
+    else:
+        store.update(ctx.run_id, status="running", pid=os.getpid())
+    started = time.perf_counter()
+    values: dict[str, Any] = {}
+    config: dict[str, Any] = {
+        "configurable": {"thread_id": ctx.run_id},
+        "recursion_limit": _recursion_limit(spec),
+    }
+    emit = on_event or (lambda event: None)
+    emit({"event": "start", "run_id": ctx.run_id, "models": ctx.models.describe(), "resumed": _resume})
+    status = "error"
+    error: BaseException | None = None
+    try:
+        with sync_checkpointer(directory) as saver, trace.root(ctx, resumed=_resume):
+            from atlas.graph import build_graph
+
+            graph = build_graph(spec, checkpointer=saver, context=ctx)
+            snapshot = graph.get_state(config)
+            if _resume:
+                ctx.budget.absorb(snapshot.values.get("usage"))
+            if _resume and not snapshot.next and snapshot.values.get("status"):
+                values = dict(snapshot.values)
+            else:
+                graph_input = None if _resume and snapshot.values else {"task": spec.task}
+                for _ns, mode, chunk in graph.stream(
+                    graph_input,
+                    config,  # type: ignore[arg-type]
+                    context=ctx,
+                    stream_mode=["custom", "values"],
+                    subgraphs=True,
+                    durability="sync",
+                ):
+                    if mode == "custom":
+                        emit(chunk)
+                    elif mode == "values" and not _ns:
+                        values = chunk
+            status = values.get("status") or "failed"
+            trace.finish(ctx, values)
+    except KeyboardInterrupt:
+        status, error = "interrupted", None
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        wall = time.perf_counter() - started
+        with contextlib.suppress(Exception):
+            if status in ("error", "interrupted") and not values:
+                values = _last_values(directory, config)
+        salvaged = None
+        if status in ("error", "interrupted"):
+            with contextlib.suppress(Exception):
+                salvaged = _salvage_output(ctx, values)
+        result = _summarize(ctx, values, wall, trace, _resume)
+        result.status = status
+        if salvaged:
+            result.output = salvaged
+        if error is not None:
+            result.error = _one_line(error)
+        store.update(
+            ctx.run_id,
+            status=status,
+            finished_at=now(),
+            iterations=result.iterations,
+            tokens=result.tokens,
+            cost_usd=result.cost_usd,
+            score=result.score,
+            trace_id=result.trace_id,
+            tracking_uri=result.tracking_uri,
+            output=result.output,
+            stop_reason=result.stop_reason or result.error,
+        )
+        ctx.workspace.close()
+        trace.close()
+        emit({"event": "end", **result.to_dict()})
+        _LAST_RESULT[0] = result
+    return result
+
+
+_LAST_RESULT: list[RunResult | None] = [None]
+
+
+def last_result() -> RunResult | None:
+    """The summary of the last run in this process, also after it raised."""
+    return _LAST_RESULT[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300] if not isinstance(exc, AtlasError) else text[:300]
+
+
+def _last_values(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: F401
+
+    with sync_checkpointer(directory) as saver:
+        tup = saver.get_tuple(config)  # type: ignore[arg-type]
+        if tup is None:
+            return {}
+        return dict(tup.checkpoint.get("channel_values", {}))
+
+
+def resume(
+    run_id: str,
+    *,
+    state_dir_path: str | os.PathLike[str] | None = None,
+    on_event: EventHandler | None = None,
+    model: str | None = None,
+) -> RunResult:
+    """Continue an interrupted run from its last checkpoint. Finished steps are not redone."""
+    directory = state_dir(state_dir_path)
+    record = RunStore(directory).get(run_id)
+    spec = TaskSpec.model_validate_json(record.spec_json)
+    return run(
+        spec,
+        model=model or record.model,
+        state_dir_path=directory,
+        run_id=record.run_id,
+        on_event=on_event,
+        tracking_uri=record.tracking_uri,
+        task_file=record.task_file,
+        _resume=True,
+    )
+
+
+async def arun(
+    spec: TaskSpec,
+    *,
+    model: str | None = None,
+    state_dir_path: str | os.PathLike[str] | None = None,
+    run_id: str | None = None,
+    on_event: EventHandler | None = None,
+    tracking_uri: str | None = None,
+) -> RunResult:
+    """Async `run()`: model calls are awaited and parallel steps run as tasks on the event loop."""
+    directory = state_dir(state_dir_path)
+    from atlas.tracing.setup import start_tracing
+
+    tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
+    ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model, tracer=tracer)
+    store = RunStore(directory)
+    store.start(
+        RunRecord(
+            run_id=ctx.run_id, name=spec.display_name, task_file=None, spec_json=spec_to_json(spec),
+            model=model, status="running", started_at=now(), pid=os.getpid(),
+        )
+    )
+    emit = on_event or (lambda event: None)
+    started = time.perf_counter()
+    values: dict[str, Any] = {}
+    config: dict[str, Any] = {
+        "configurable": {"thread_id": ctx.run_id},
+        "recursion_limit": _recursion_limit(spec),
+    }
+    status = "error"
+    try:
+        async with _async_checkpointer(directory) as saver:
+            from atlas.graph import build_graph
+
+            with trace.root(ctx, resumed=False):
+                graph = build_graph(spec, checkpointer=saver, context=ctx)
+                async for _ns, mode, chunk in graph.astream(
+                    {"task": spec.task},
+                    config,  # type: ignore[arg-type]
+                    context=ctx,
+                    stream_mode=["custom", "values"],
+                    subgraphs=True,
+                    durability="sync",
+                ):
+                    if mode == "custom":
+                        emit(chunk)
+                    elif mode == "values" and not _ns:
+                        values = chunk
+                status = values.get("status") or "failed"
+                trace.finish(ctx, values)
+    finally:
+        result = _summarize(ctx, values, time.perf_counter() - started, trace, False)
+        result.status = status
+        store.update(
+            ctx.run_id, status=status, finished_at=now(), iterations=result.iterations,
+            tokens=result.tokens, cost_usd=result.cost_usd, score=result.score,
+            trace_id=result.trace_id, tracking_uri=result.tracking_uri, output=result.output,
+            stop_reason=result.stop_reason,
+        )
+        ctx.workspace.close()
+        trace.close()
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _async_checkpointer(directory: Path) -> Any:
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    from atlas.runs import checkpoint_path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    async with AsyncSqliteSaver.from_conn_string(str(checkpoint_path(directory))) as saver:
+        await saver.setup()
+        yield saver
+
+
+def iter_events(spec: TaskSpec, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Run in a thread and yield progress events as they happen; the last one is `end`."""
+    import queue
+    import threading
+
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def work() -> None:
+        try:
+            run(spec, on_event=events.put, **kwargs)
+        except Exception as exc:
+            events.put({"event": "error", "error": _one_line(exc)})
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=work, name="atlas-run", daemon=True)
+    thread.start()
+    while (event := events.get()) is not None:
+        yield event
+    thread.join()

@@ -1,0 +1,160 @@
+"""The state directory (default `.atlas/`): run records, checkpoints, traces, memory.
+
+`runs.db` holds one row per run: what `python -m atlas runs` lists and `resume` reads. LangGraph's
+checkpoints live in `checkpoints.db` beside it. Both use SQLite in WAL mode so concurrent runs can
+share them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atlas.errors import RunNotFound
+
+STATE_DIR_ENV = "ATLAS_STATE_DIR"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    name TEXT,
+    task_file TEXT,
+    spec_json TEXT NOT NULL,
+    model TEXT,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    iterations INTEGER,
+    tokens INTEGER,
+    cost_usd REAL,
+    score REAL,
+    trace_id TEXT,
+    tracking_uri TEXT,
+    output TEXT,
+    stop_reason TEXT,
+    pid INTEGER
+)
+"""
+
+
+def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """`--state-dir`, else `$ATLAS_STATE_DIR`, else `./.atlas`."""
+    chosen = explicit or os.environ.get(STATE_DIR_ENV) or ".atlas"
+    return Path(chosen).expanduser().resolve()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA busy_timeout=30000")
+    return con
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str | None
+    task_file: str | None
+    spec_json: str
+    model: str | None
+    status: str
+    started_at: float
+    finished_at: float | None = None
+    iterations: int | None = None
+    tokens: int | None = None
+    cost_usd: float | None = None
+    score: float | None = None
+    trace_id: str | None = None
+    tracking_uri: str | None = None
+    output: str | None = None
+    stop_reason: str | None = None
+    pid: int | None = None
+
+
+class RunStore:
+    """Run records in `<state dir>/runs.db`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "runs.db"
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        con = _connect(self.path)
+        try:
+            con.execute(_SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    def start(self, record: RunRecord) -> None:
+        fields = record.__dict__
+        with self._db() as con:
+            con.execute(
+                f"INSERT OR REPLACE INTO runs ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                list(fields.values()),
+            )
+
+    def update(self, run_id: str, **values: Any) -> None:
+        if not values:
+            return
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._db() as con:
+            con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*values.values(), run_id])
+
+    def get(self, run_id: str) -> RunRecord:
+        with self._db() as con:
+            con.row_factory = sqlite3.Row
+            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                row = con.execute(
+                    "SELECT * FROM runs WHERE run_id LIKE ? ORDER BY started_at DESC", (f"{run_id}%",)
+                ).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in {self.directory} (see `python -m atlas runs`)")
+        return RunRecord(**dict(row))
+
+    def list(self, limit: int = 50) -> list[RunRecord]:
+        if not self.path.exists():
+            return []
+        with self._db() as con:
+            con.row_factory = sqlite3.Row
+            rows = con.execute("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
+        return [RunRecord(**dict(r)) for r in rows]
+
+    def latest(self) -> RunRecord | None:
+        runs = self.list(limit=1)
+        return runs[0] if runs else None
+
+
+def checkpoint_path(directory: Path) -> Path:
+    return directory / "checkpoints.db"
+
+
+@contextmanager
+def sync_checkpointer(directory: Path) -> Iterator[Any]:
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    con = _connect(checkpoint_path(directory))
+    try:
+        saver = SqliteSaver(con)
+        saver.setup()
+        yield saver
+    finally:
+        con.close()
+
+
+def spec_to_json(spec: Any) -> str:
+    return json.dumps(spec.model_dump(mode="json"))
+
+
+def now() -> float:
+    return time.time()
