@@ -1,7 +1,7 @@
 """ATLAS: multi-agent orchestration on LangGraph, with MLflow tracing built in.
 
-    from atlas import TaskSpec, run
-    result = run(TaskSpec.from_file("task.yaml"), model="scripted")
+from atlas import TaskSpec, run
+result = run(TaskSpec.from_file("task.yaml"), model="scripted")
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ class TeamDef(_Strict):
     """A team: a supervisor routing between two or more workers."""
 
     name: str = Field(pattern=_NAME)
-    description: str = Field(min_length=1, description="What the planner reads when assigning steps")
+    description: str = Field(
+        min_length=1, description="What the planner reads when assigning steps"
+    )
     supervisor: SupervisorDef
     workers: list[WorkerDef] = Field(min_length=2)
 
@@ -95,7 +97,9 @@ class Registry:
         try:
             return self.teams[name]
         except KeyError:
-            raise SpecError(f"unknown team {name!r} (known: {', '.join(self.team_names())})") from None
+            raise SpecError(
+                f"unknown team {name!r} (known: {', '.join(self.team_names())})"
+            ) from None
 
     def persona(self, name: str) -> Persona:
         try:
@@ -127,7 +131,9 @@ class Registry:
             agent_dirs.insert(0, spec.resolve(spec.agents_dir))
         if spec is not None and spec.personas_dir:
             persona_dirs.insert(0, spec.resolve(spec.personas_dir))
-        return cls.load([*agent_dirs, bundled_dir("agents")], [*persona_dirs, bundled_dir("personas")])
+        return cls.load(
+            [*agent_dirs, bundled_dir("agents")], [*persona_dirs, bundled_dir("personas")]
+        )
 
     def _check_references(self) -> None:
         for team in self.teams.values():

@@ -7,6 +7,7 @@ MLflow trace. Progress events go to `on_event`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,7 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import StreamMode
 
 from atlas.context import RunContext
 from atlas.errors import AtlasError
@@ -62,13 +66,29 @@ class RunResult:
         return json.dumps(self.to_dict(), default=str)
 
 
+_STREAM_MODES: list[StreamMode] = ["custom", "values"]
+
+
+def _prepare(
+    spec: TaskSpec, directory: Path, *, run_id: str | None, model: str | None
+) -> RunContext:
+    """Make the run's context and resolve every role's model now, so a missing key or an unknown
+    provider fails before anything starts."""
+    ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model)
+    for role in ctx.models.describe():
+        ctx.models.get(role)
+    return ctx
+
+
 def _recursion_limit(spec: TaskSpec) -> int:
     b = spec.budget
     per_iteration = 4 + 2 * b.max_steps
     return max(200, b.max_iterations * per_iteration + 4 * b.max_handoffs + 50)
 
 
-def _summarize(ctx: RunContext, values: dict[str, Any], wall: float, trace: Any, resumed: bool) -> RunResult:
+def _summarize(
+    ctx: RunContext, values: dict[str, Any], wall: float, trace: Any, resumed: bool
+) -> RunResult:
     usage = values.get("usage") or {}
     run = totals(usage)
     cost = run.get("cost_usd") if not run.get("cost_unknown_calls") else None
@@ -124,10 +144,10 @@ def run(
     """Run a task to the end (passed, failed, or a budget stop) and return its summary."""
     directory = state_dir(state_dir_path)
     store = RunStore(directory)
+    ctx = _prepare(spec, directory, run_id=run_id, model=model)
     from atlas.tracing.setup import start_tracing
 
-    tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
-    ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model, tracer=tracer)
+    ctx.tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
     if not _resume:
         store.start(
             RunRecord(
@@ -145,12 +165,19 @@ def run(
         store.update(ctx.run_id, status="running", pid=os.getpid())
     started = time.perf_counter()
     values: dict[str, Any] = {}
-    config: dict[str, Any] = {
+    config: RunnableConfig = {
         "configurable": {"thread_id": ctx.run_id},
         "recursion_limit": _recursion_limit(spec),
     }
     emit = on_event or (lambda event: None)
-    emit({"event": "start", "run_id": ctx.run_id, "models": ctx.models.describe(), "resumed": _resume})
+    emit(
+        {
+            "event": "start",
+            "run_id": ctx.run_id,
+            "models": ctx.models.describe(),
+            "resumed": _resume,
+        }
+    )
     status = "error"
     error: BaseException | None = None
     try:
@@ -167,16 +194,16 @@ def run(
                 graph_input = None if _resume and snapshot.values else {"task": spec.task}
                 for _ns, mode, chunk in graph.stream(
                     graph_input,
-                    config,  # type: ignore[arg-type]
+                    config,
                     context=ctx,
-                    stream_mode=["custom", "values"],
+                    stream_mode=_STREAM_MODES,
                     subgraphs=True,
                     durability="sync",
                 ):
                     if mode == "custom":
-                        emit(chunk)
+                        emit(cast(dict[str, Any], chunk))
                     elif mode == "values" and not _ns:
-                        values = chunk
+                        values = cast(dict[str, Any], chunk)
             status = values.get("status") or "failed"
             trace.finish(ctx, values)
     except KeyboardInterrupt:
@@ -233,11 +260,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if not isinstance(exc, AtlasError) else text[:300]
 
 
-def _last_values(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
-    from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: F401
-
+def _last_values(directory: Path, config: RunnableConfig) -> dict[str, Any]:
     with sync_checkpointer(directory) as saver:
-        tup = saver.get_tuple(config)  # type: ignore[arg-type]
+        tup = saver.get_tuple(config)
         if tup is None:
             return {}
         return dict(tup.checkpoint.get("channel_values", {}))
@@ -275,23 +300,37 @@ async def arun(
     on_event: EventHandler | None = None,
     tracking_uri: str | None = None,
 ) -> RunResult:
-    """Async `run()`: model calls are awaited and parallel steps run as tasks on the event loop."""
+    """Async `run()`: model calls are awaited and parallel steps run as tasks on the event loop.
+
+    Set-up and bookkeeping (local files, the run record, MLflow's client) run in a worker thread,
+    so the event loop is never blocked by them.
+    """
     directory = state_dir(state_dir_path)
+    ctx = await asyncio.to_thread(_prepare, spec, directory, run_id=run_id, model=model)
     from atlas.tracing.setup import start_tracing
 
-    tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
-    ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model, tracer=tracer)
-    store = RunStore(directory)
-    store.start(
-        RunRecord(
-            run_id=ctx.run_id, name=spec.display_name, task_file=None, spec_json=spec_to_json(spec),
-            model=model, status="running", started_at=now(), pid=os.getpid(),
-        )
+    ctx.tracer, trace = await asyncio.to_thread(
+        start_tracing, spec, directory, tracking_uri=tracking_uri, on_event=on_event
     )
+    store = RunStore(directory)
+    record = RunRecord(
+        run_id=ctx.run_id,
+        name=spec.display_name,
+        task_file=None,
+        spec_json=spec_to_json(spec),
+        model=model,
+        status="running",
+        started_at=now(),
+        pid=os.getpid(),
+    )
+    await asyncio.to_thread(store.start, record)
     emit = on_event or (lambda event: None)
+    emit(
+        {"event": "start", "run_id": ctx.run_id, "models": ctx.models.describe(), "resumed": False}
+    )
     started = time.perf_counter()
     values: dict[str, Any] = {}
-    config: dict[str, Any] = {
+    config: RunnableConfig = {
         "configurable": {"thread_id": ctx.run_id},
         "recursion_limit": _recursion_limit(spec),
     }
@@ -304,29 +343,38 @@ async def arun(
                 graph = build_graph(spec, checkpointer=saver, context=ctx)
                 async for _ns, mode, chunk in graph.astream(
                     {"task": spec.task},
-                    config,  # type: ignore[arg-type]
+                    config,
                     context=ctx,
-                    stream_mode=["custom", "values"],
+                    stream_mode=_STREAM_MODES,
                     subgraphs=True,
                     durability="sync",
                 ):
                     if mode == "custom":
-                        emit(chunk)
+                        emit(cast(dict[str, Any], chunk))
                     elif mode == "values" and not _ns:
-                        values = chunk
+                        values = cast(dict[str, Any], chunk)
                 status = values.get("status") or "failed"
-                trace.finish(ctx, values)
+                await asyncio.to_thread(trace.finish, ctx, values)
     finally:
         result = _summarize(ctx, values, time.perf_counter() - started, trace, False)
         result.status = status
-        store.update(
-            ctx.run_id, status=status, finished_at=now(), iterations=result.iterations,
-            tokens=result.tokens, cost_usd=result.cost_usd, score=result.score,
-            trace_id=result.trace_id, tracking_uri=result.tracking_uri, output=result.output,
+        await asyncio.to_thread(
+            store.update,
+            ctx.run_id,
+            status=status,
+            finished_at=now(),
+            iterations=result.iterations,
+            tokens=result.tokens,
+            cost_usd=result.cost_usd,
+            score=result.score,
+            trace_id=result.trace_id,
+            tracking_uri=result.tracking_uri,
+            output=result.output,
             stop_reason=result.stop_reason,
         )
         ctx.workspace.close()
-        trace.close()
+        await asyncio.to_thread(trace.close)
+        emit({"event": "end", **result.to_dict()})
     return result
 
 
@@ -336,7 +384,6 @@ async def _async_checkpointer(directory: Path) -> Any:
 
     from atlas.runs import checkpoint_path
 
-    directory.mkdir(parents=True, exist_ok=True)
     async with AsyncSqliteSaver.from_conn_string(str(checkpoint_path(directory))) as saver:
         await saver.setup()
         yield saver

@@ -99,7 +99,8 @@ class RunStore:
         fields = record.__dict__
         with self._db() as con:
             con.execute(
-                f"INSERT OR REPLACE INTO runs ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                f"INSERT OR REPLACE INTO runs ({', '.join(fields)}) "
+                f"VALUES ({', '.join('?' * len(fields))})",
                 list(fields.values()),
             )
 
@@ -116,7 +117,8 @@ class RunStore:
             row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 row = con.execute(
-                    "SELECT * FROM runs WHERE run_id LIKE ? ORDER BY started_at DESC", (f"{run_id}%",)
+                    "SELECT * FROM runs WHERE run_id LIKE ? ORDER BY started_at DESC",
+                    (f"{run_id}%",),
                 ).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run_id!r} in {self.directory} (see `python -m atlas runs`)")
@@ -127,7 +129,9 @@ class RunStore:
             return []
         with self._db() as con:
             con.row_factory = sqlite3.Row
-            rows = con.execute("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = con.execute(
+                "SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [RunRecord(**dict(r)) for r in rows]
 
     def latest(self) -> RunRecord | None:

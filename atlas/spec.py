@@ -24,8 +24,16 @@ DEFAULT_TEAMS = ("research", "analysis", "writing")
 
 # Providers ATLAS knows how to reach. `openai` also covers OpenAI-compatible servers via base_url.
 PROVIDERS = ("openai", "anthropic", "local", "scripted")
-_MODEL_RE = re.compile(r"^(?P<provider>[a-z][a-z0-9_-]*)(?::(?P<name>[^?\s]+))?(?:\?(?P<query>\S*))?$")
-_INFERRED = {"gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai", "claude": "anthropic"}
+_MODEL_RE = re.compile(
+    r"^(?P<provider>[a-z][a-z0-9_-]*)(?::(?P<name>[^?\s]+))?(?:\?(?P<query>\S*))?$"
+)
+_INFERRED = {
+    "gpt-": "openai",
+    "o1": "openai",
+    "o3": "openai",
+    "o4": "openai",
+    "claude": "anthropic",
+}
 
 
 class _Strict(BaseModel):
@@ -47,8 +55,7 @@ def parse_model_string(value: str) -> tuple[str, str, dict[str, Any]]:
     provider, name, query = match["provider"], match["name"] or "", match["query"] or ""
     if provider not in PROVIDERS:
         raise ValueError(
-            f"unknown provider {provider!r} in model spec {value!r} "
-            f"(known: {', '.join(PROVIDERS)})"
+            f"unknown provider {provider!r} in model spec {value!r} (known: {', '.join(PROVIDERS)})"
         )
     if provider in ("openai", "anthropic") and not name:
         raise ValueError(f"model spec {value!r} names no model, e.g. {provider}:<model-name>")
@@ -56,7 +63,9 @@ def parse_model_string(value: str) -> tuple[str, str, dict[str, Any]]:
     for pair in filter(None, query.split("&")):
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"malformed option {pair!r} in model spec {value!r}: expected key=value")
+            raise ValueError(
+                f"malformed option {pair!r} in model spec {value!r}: expected key=value"
+            )
         params[key] = _coerce(raw)
     return provider, name, params
 
@@ -71,8 +80,12 @@ def _coerce(raw: str) -> Any:
 class ModelSpec(_Strict):
     """One model: `provider:model` plus connection settings."""
 
-    model: str = Field(description="provider:model, e.g. openai:gpt-4o-mini or anthropic:claude-sonnet-4-5")
-    base_url: str | None = Field(None, description="OpenAI-compatible server (vLLM, Ollama, llama.cpp)")
+    model: str = Field(
+        description="provider:model, e.g. openai:gpt-4o-mini or anthropic:claude-sonnet-4-5"
+    )
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible server (vLLM, Ollama, llama.cpp)"
+    )
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (never the key)"
     )
@@ -264,7 +277,10 @@ def json_schema() -> dict[str, Any]:
     defs = schema.get("$defs", {})
     if "ModelSpec" in defs:
         defs["ModelSpecOrString"] = {
-            "anyOf": [{"type": "string", "examples": ["openai:gpt-4o-mini"]}, {"$ref": "#/$defs/ModelSpec"}]
+            "anyOf": [
+                {"type": "string", "examples": ["openai:gpt-4o-mini"]},
+                {"$ref": "#/$defs/ModelSpec"},
+            ]
         }
         text = json.dumps(schema).replace('"#/$defs/ModelSpec"', '"#/$defs/ModelSpecOrString"')
         schema = json.loads(text)
@@ -312,7 +328,9 @@ def load_task(path: str | os.PathLike[str], *, known_teams: list[str] | None = N
 def _validate(data: Any, base_dir: Path, *, source: str) -> TaskSpec:
     if not isinstance(data, dict):
         kind = type(data).__name__
-        raise SpecError(f"top level must be a mapping with at least 'task', got {kind}", file=source)
+        raise SpecError(
+            f"top level must be a mapping with at least 'task', got {kind}", file=source
+        )
     if "base_dir" in data:
         raise SpecError("unknown field (set by the loader)", file=source, field="base_dir")
     try:
@@ -442,4 +460,3 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 def _did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-

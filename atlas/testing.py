@@ -120,8 +120,16 @@ class ScriptedModel(BaseChatModel):
         prompt_chars = sum(len(str(m.content)) for m in messages)
         answer_chars = len(str(message.content)) + len(json.dumps(message.tool_calls))
         inp = self.prompt_tokens if self.prompt_tokens is not None else max(1, prompt_chars // 4)
-        out = self.completion_tokens if self.completion_tokens is not None else max(1, answer_chars // 4)
-        message.usage_metadata = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
+        out = (
+            self.completion_tokens
+            if self.completion_tokens is not None
+            else max(1, answer_chars // 4)
+        )
+        message.usage_metadata = {
+            "input_tokens": inp,
+            "output_tokens": out,
+            "total_tokens": inp + out,
+        }
         message.response_metadata = {"model_name": self.model_name, "model_provider": "scripted"}
         self._record(role, message)
         return ChatResult(generations=[ChatGeneration(message=message)])
@@ -143,7 +151,9 @@ class ScriptedModel(BaseChatModel):
         if self.fanout > 0:
             for team in teams:
                 for n in range(1, self.fanout + 1):
-                    steps.append(_step(f"{team}_{n}", team, f"Part {n} of the {team} work: {task}", []))
+                    steps.append(
+                        _step(f"{team}_{n}", team, f"Part {n} of the {team} work: {task}", [])
+                    )
         else:
             gatherers = [t for t in teams if t != "writing"]
             for team in gatherers:
@@ -154,13 +164,17 @@ class ScriptedModel(BaseChatModel):
 
     def _verdict(self, messages: list[BaseMessage]) -> AIMessage:
         text = _human_text(messages)
-        criteria = re.findall(r"^\s*\d+\.\s+(.+)$", _section(text, "Acceptance criteria") or "", re.M)
+        criteria = re.findall(
+            r"^\s*\d+\.\s+(.+)$", _section(text, "Acceptance criteria") or "", re.M
+        )
         match = re.search(r"Iteration:\s*(\d+)", text)
         iteration = int(match.group(1)) if match else 1
         passed = self.behaviour != "always_fail" and iteration > self.fail_iterations
         reason = "Covered by the output." if passed else "Not yet covered well enough."
         results = [{"criterion": c.strip(), "passed": passed, "reason": reason} for c in criteria]
-        feedback = "Meets the criteria." if passed else "Add more detail and cite sources for each claim."
+        feedback = (
+            "Meets the criteria." if passed else "Add more detail and cite sources for each claim."
+        )
         verdict = {
             "passed": passed,
             "score": 0.9 if passed else 0.4,
@@ -280,9 +294,18 @@ def _human_text(messages: list[BaseMessage]) -> str:
 
 
 _HEADERS = (
-    "Task", "Step", "Iteration", "Teams", "Acceptance criteria", "Acceptance criteria of the whole task",
-    "Results of earlier steps", "Your task", "Reports from your teammates on this step",
-    "Output to judge", "Results so far", "From memory",
+    "Task",
+    "Step",
+    "Iteration",
+    "Teams",
+    "Acceptance criteria",
+    "Acceptance criteria of the whole task",
+    "Results of earlier steps",
+    "Your task",
+    "Reports from your teammates on this step",
+    "Output to judge",
+    "Results so far",
+    "From memory",
 )
 _NEXT = "|".join(re.escape(h) for h in _HEADERS)
 
@@ -313,7 +336,9 @@ def _args_for(tool: dict[str, Any], text: str, used: list[ToolMessage]) -> dict[
             args[name] = _digest(instruction, 200)
         elif name == "sql":
             tables = _TABLE.findall(seen)
-            args[name] = f'SELECT COUNT(*) AS rows FROM "{tables[0]}"' if tables else "SELECT 1 AS ok"
+            args[name] = (
+                f'SELECT COUNT(*) AS rows FROM "{tables[0]}"' if tables else "SELECT 1 AS ok"
+            )
         elif name == "source":
             sources = _SOURCE.findall(seen)
             args[name] = sources[0] if sources else "unknown"
@@ -330,7 +355,16 @@ def _draft(text: str, used: list[ToolMessage]) -> str:
     task = _section(text, "Task") or _section(text, "Step") or "Report"
     inputs = _section(text, "Results of earlier steps") or ""
     sources = sorted(set(_SOURCE.findall(text + "\n".join(str(m.content) for m in used))))
-    lines = [f"# {_digest(task, 80)}", "", "## Summary", "", _digest(task, 400), "", "## Findings", ""]
+    lines = [
+        f"# {_digest(task, 80)}",
+        "",
+        "## Summary",
+        "",
+        _digest(task, 400),
+        "",
+        "## Findings",
+        "",
+    ]
     for para in [p for p in inputs.split("\n") if p.strip().startswith("- ")][:12]:
         lines.append(f"- {_digest(para.strip().lstrip('- '), 300)}")
     if sources:

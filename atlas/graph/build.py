@@ -1,6 +1,9 @@
-"""The run graph: plan -> dispatch -> team:<name> (in parallel) -> dispatch ... -> judge -> plan | finalize.
+"""The run graph.
 
-Node names are stable (`plan`, `dispatch`, `team:<name>`, `judge`, `finalize`) so traces and
+    plan -> dispatch -> team.<name> (in parallel) -> dispatch ... -> judge -> plan | finalize
+
+
+Node names are stable (`plan`, `dispatch`, `team.<name>`, `judge`, `finalize`) so traces and
 checkpoints read well. `dispatch` sends every ready step at once with `Send`; a step is ready when
 every step it depends on has a result.
 """
@@ -29,7 +32,8 @@ MAX_CONTEXT_PER_STEP = 2500
 def ready_steps(state: dict[str, Any]) -> list[dict[str, Any]]:
     done = set((state.get("results") or {}).keys())
     return [
-        s for s in state.get("plan") or []
+        s
+        for s in state.get("plan") or []
         if s["id"] not in done and all(d in done for d in s["depends_on"])
     ]
 
@@ -113,7 +117,11 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
         status = "budget_exhausted"
     else:
         status = "failed"
-    if status == "failed" and not stop and int(state.get("iteration", 1)) >= ctx.spec.budget.max_iterations:
+    if (
+        status == "failed"
+        and not stop
+        and int(state.get("iteration", 1)) >= ctx.spec.budget.max_iterations
+    ):
         stop = f"max_iterations ({ctx.spec.budget.max_iterations}) reached without passing"
     if status == "budget_exhausted":
         with ctx.tracer.span("budget_stop", attributes={"atlas.stop_reason": stop}):
@@ -123,8 +131,15 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
     plan_file = ctx.run_dir / "plan.json"
     plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
     run = totals(state.get("usage"))
-    emit({"event": "finalize", "status": status, "output": str(path), "stop_reason": stop,
-          "tokens": run["tokens"]})
+    emit(
+        {
+            "event": "finalize",
+            "status": status,
+            "output": str(path),
+            "stop_reason": stop,
+            "tokens": run["tokens"],
+        }
+    )
     return {"status": status, "output_path": str(path), "stop_reason": stop}
     yield
 
@@ -143,7 +158,9 @@ def build_run_graph(ctx_or_spec: Any, *, fallback: Any = None) -> StateGraph[Any
     spec = ctx_or_spec.spec if isinstance(ctx_or_spec, RunContext) else ctx_or_spec
     from atlas.registry import Registry
 
-    registry = ctx_or_spec.registry if isinstance(ctx_or_spec, RunContext) else Registry.for_spec(spec)
+    registry = (
+        ctx_or_spec.registry if isinstance(ctx_or_spec, RunContext) else Registry.for_spec(spec)
+    )
     task = spec.task.strip()
     criteria = list(spec.acceptance)
     max_iterations = spec.budget.max_iterations

@@ -9,6 +9,8 @@ and the per-call attributes on traces happen here, in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool
 from langgraph.runtime import get_runtime
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from atlas.context import RunContext
 from atlas.errors import ModelConfigError
@@ -60,29 +62,51 @@ Body = Generator[Effect, Any, Any]
 def _runnable(ctx: RunContext, call: ModelCall) -> Runnable[Any, Any]:
     model = ctx.models.get(call.role)
     if call.schema is not None:
-        return model.with_structured_output(call.schema, include_raw=True)
+        # Structured output as one forced tool call, parsed in _finish: a single model span in
+        # the trace instead of with_structured_output's parser chain.
+        return model.bind_tools([call.schema], tool_choice=call.schema.__name__)
     if call.tools:
         return model.bind_tools(call.tools, tool_choice=call.tool_choice)
     return model
 
 
+def parse_structured(
+    message: AIMessage, schema: type[BaseModel]
+) -> tuple[BaseModel | None, str | None]:
+    """The schema instance from a tool call, or from JSON in the text; else why not."""
+    candidates: list[Any] = [
+        c.get("args") for c in message.tool_calls if c.get("name") == schema.__name__
+    ]
+    candidates += [c.get("args") for c in message.tool_calls]
+    text = message.content if isinstance(message.content, str) else ""
+    if text.strip():
+        start, end = text.find("{"), text.rfind("}")
+        if start != -1 and end > start:
+            with contextlib.suppress(ValueError):
+                candidates.append(json.loads(text[start : end + 1]))
+    error = "no structured answer"
+    for candidate in candidates:
+        if not isinstance(candidate, dict):
+            continue
+        try:
+            return schema.model_validate(candidate), None
+        except ValidationError as exc:
+            error = f"invalid {schema.__name__}: {exc.errors()[0]['msg']}"
+    return None, error
+
+
 def _finish(ctx: RunContext, call: ModelCall, out: Any) -> CallResult:
-    if isinstance(out, dict):
-        message = out.get("raw")
-        parsed = out.get("parsed")
-        error = out.get("parsing_error")
-        result = CallResult(
-            message if isinstance(message, AIMessage) else AIMessage(content=str(message)),
-            parsed if isinstance(parsed, BaseModel) else None,
-            str(error) if error else None,
-        )
-    else:
-        result = CallResult(out if isinstance(out, AIMessage) else AIMessage(content=str(out)))
-    meta = result.message.usage_metadata or {}
+    message = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
+    result = CallResult(message)
+    if call.schema is not None:
+        result.parsed, result.parse_error = parse_structured(message, call.schema)
+    meta: dict[str, Any] = dict(result.message.usage_metadata or {})
     inp, outp = int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0))
     label = ctx.models.label(call.role)
     cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp)
-    result.usage = call_usage(model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost)
+    result.usage = call_usage(
+        model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost
+    )
     return result
 
 
@@ -97,7 +121,9 @@ def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = 
     return _finish(ctx, call, out)
 
 
-async def arun_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None) -> CallResult:
+async def arun_model(
+    ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None
+) -> CallResult:
     ctx.budget.reserve()
     try:
         runnable = _runnable(ctx, call)
@@ -176,7 +202,9 @@ def current_context(fallback: Callable[[], RunContext] | None = None) -> RunCont
     raise ModelConfigError("this graph needs an atlas RunContext: use atlas.run() or pass context=")
 
 
-def node(name: str, body: NodeBody, fallback: Callable[[], RunContext] | None = None) -> Runnable[Any, Any]:
+def node(
+    name: str, body: NodeBody, fallback: Callable[[], RunContext] | None = None
+) -> Runnable[Any, Any]:
     """Make a LangGraph node, with sync and async paths, from a generator body."""
 
     def sync(state: dict[str, Any], config: RunnableConfig) -> Any:

@@ -31,8 +31,12 @@ def current_output(state: dict[str, Any], ctx: RunContext) -> str:
         return draft
     results = state.get("results") or {}
     iteration = state.get("iteration", 1)
-    latest = [r for r in results.values() if r.get("iteration") == iteration] or list(results.values())
-    return "\n\n".join(f"## {r.get('id')} ({r.get('team')})\n\n{r.get('output', '')}" for r in latest)
+    latest = [r for r in results.values() if r.get("iteration") == iteration] or list(
+        results.values()
+    )
+    return "\n\n".join(
+        f"## {r.get('id')} ({r.get('team')})\n\n{r.get('output', '')}" for r in latest
+    )
 
 
 def normalize(verdict: dict[str, Any], criteria: list[str], threshold: float) -> dict[str, Any]:
@@ -45,10 +49,17 @@ def normalize(verdict: dict[str, Any], criteria: list[str], threshold: float) ->
             found = ordered[index]
         if found is None:
             found = {"passed": False, "reason": "the judge gave no finding for this criterion"}
-        results.append({"criterion": criterion, "passed": bool(found.get("passed")),
-                        "reason": str(found.get("reason", ""))})
+        results.append(
+            {
+                "criterion": criterion,
+                "passed": bool(found.get("passed")),
+                "reason": str(found.get("reason", "")),
+            }
+        )
     score = min(1.0, max(0.0, float(verdict.get("score", 0.0))))
-    passed = bool(verdict.get("passed")) and all(r["passed"] for r in results) and score >= threshold
+    passed = (
+        bool(verdict.get("passed")) and all(r["passed"] for r in results) and score >= threshold
+    )
     return {**verdict, "criteria": results, "score": round(score, 4), "passed": passed}
 
 
@@ -57,7 +68,9 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
     iteration = int(state.get("iteration", 1))
     output = current_output(state, ctx)
     lines = [f"Task: {spec.task.strip()}", f"Iteration: {iteration}", "", "Acceptance criteria:"]
-    lines += [f"{i}. {c}" for i, c in enumerate(spec.acceptance, 1)] or ["1. The output fully does the task."]
+    lines += [f"{i}. {c}" for i, c in enumerate(spec.acceptance, 1)] or [
+        "1. The output fully does the task."
+    ]
     clipped = output if len(output) <= MAX_JUDGED else output[:MAX_JUDGED] + "\n...[cut]"
     lines += ["", "Output to judge:", clipped or "(empty)"]
     criteria = list(spec.acceptance) or ["The output fully does the task."]
@@ -78,12 +91,18 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
         raw = (
             result.parsed.model_dump()
             if result.parsed is not None
-            else {"passed": False, "score": 0.0, "criteria": [],
-                  "feedback": "The judge's answer could not be read; judged as not passed."}
+            else {
+                "passed": False,
+                "score": 0.0,
+                "criteria": [],
+                "feedback": "The judge's answer could not be read; judged as not passed.",
+            }
         )
         verdict = normalize(raw, criteria, spec.judge.pass_threshold)
         verdict.update({"iteration": iteration, "fallback": fallback})
         span.set_outputs(verdict)
-        span.set_attributes({"atlas.verdict.passed": verdict["passed"], "atlas.verdict.score": verdict["score"]})
+        span.set_attributes(
+            {"atlas.verdict.passed": verdict["passed"], "atlas.verdict.score": verdict["score"]}
+        )
         emit({"event": "verdict", **verdict})
         return {"verdict": verdict, "verdicts": [verdict], "usage": result.usage}

@@ -66,7 +66,9 @@ def repair_plan(
             notes.append(f"renamed duplicate step id {original!r} to {sid!r}")
         renamed.setdefault(original, sid)
         seen.add(sid)
-        instruction = str(item.get("instruction") or "").strip() or f"Do the {team} work for: {task}"
+        instruction = (
+            str(item.get("instruction") or "").strip() or f"Do the {team} work for: {task}"
+        )
         deps = [str(d) for d in item.get("depends_on") or []]
         steps.append({"id": sid, "team": team, "instruction": instruction, "depends_on": deps})
     # Only depend on earlier steps: drops unknown ids and breaks every cycle.
@@ -118,7 +120,9 @@ def planner_messages(state: dict[str, Any], ctx: RunContext) -> list[Any]:
     if docs:
         lines.append(f"\nDocuments available to research: {', '.join(docs[:20])}")
     if spec.data_paths:
-        lines.append(f"Data files available to analysis: {', '.join(p.name for p in spec.data_paths)}")
+        lines.append(
+            f"Data files available to analysis: {', '.join(p.name for p in spec.data_paths)}"
+        )
     memory_context = ctx.extras.get("planner_context")
     if memory_context:
         lines.append(f"\nFrom memory:\n{memory_context}")
@@ -126,7 +130,9 @@ def planner_messages(state: dict[str, Any], ctx: RunContext) -> list[Any]:
     verdicts = state.get("verdicts") or []
     if verdicts:
         last = verdicts[-1]
-        lines.append(f"Feedback from the judge on iteration {iteration - 1}: {last.get('feedback', '')}")
+        lines.append(
+            f"Feedback from the judge on iteration {iteration - 1}: {last.get('feedback', '')}"
+        )
         failed = [c["criterion"] for c in last.get("criteria", []) if not c.get("passed")]
         if failed:
             lines.append("Criteria not yet met: " + "; ".join(failed))
@@ -148,7 +154,9 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
     iteration = int(state.get("iteration", 0)) + 1
     steps_left = spec.budget.max_steps - len(state.get("results") or {})
     usage: Usage = {}
-    with ctx.tracer.span("plan", span_type="AGENT", attributes={"atlas.iteration": iteration}) as span:
+    with ctx.tracer.span(
+        "plan", span_type="AGENT", attributes={"atlas.iteration": iteration}
+    ) as span:
         if steps_left <= 0:
             reason = "budget exhausted: max_steps"
             ctx.tracer.event("budget_stop", {"limit": "max_steps"})
@@ -164,7 +172,11 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
                 run_name="planner",
             )
             usage = merge_usage(usage, result.usage)
-            raw = result.parsed.model_dump()["steps"] if result.parsed is not None else _salvage(result)
+            raw = (
+                result.parsed.model_dump()["steps"]
+                if result.parsed is not None
+                else _salvage(result)
+            )
         except BudgetExhausted as exc:
             ctx.tracer.event("budget_stop", {"limit": exc.limit, "where": "plan"})
             return {"iteration": iteration, "plan": [], "stop_reason": str(exc), "usage": usage}
@@ -193,4 +205,3 @@ def _salvage(result: CallResult) -> list[dict[str, Any]]:
     if isinstance(args, dict) and isinstance(args.get("steps"), list):
         return [s for s in args["steps"] if isinstance(s, dict)]
     return []
-

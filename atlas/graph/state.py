@@ -42,7 +42,7 @@ class StepModel(BaseModel):
 
 def plan_schema(teams: list[str]) -> type[BaseModel]:
     """The `Plan` output schema for one task: `team` is an enum of the task's teams."""
-    team_type: Any = Literal[tuple(teams)]  # type: ignore[valid-type]
+    team_type: Any = Literal[tuple(teams)]
     step = create_model(
         "Step",
         __base__=StepModel,
@@ -50,7 +50,7 @@ def plan_schema(teams: list[str]) -> type[BaseModel]:
     )
     return create_model(
         "Plan",
-        steps=(list[step], Field(description="Steps; independent steps run in parallel")),  # type: ignore[valid-type]
+        steps=(list[step], Field(description="Steps; independent steps run in parallel")),
         rationale=(str, Field(description="One or two sentences on the plan")),
         __doc__="A plan: steps for the teams, with dependencies.",
     )

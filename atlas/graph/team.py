@@ -12,7 +12,7 @@ from `agents/*.yaml`, never from text it read. Repeating the same tool call is r
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import StructuredTool
@@ -85,7 +85,9 @@ def _step_header(state: dict[str, Any]) -> str:
 
 def _ping_pong(handoffs: list[dict[str, str]]) -> bool:
     names = [h["to"] for h in handoffs[-4:]]
-    return len(names) == 4 and names[0] == names[2] and names[1] == names[3] and names[0] != names[1]
+    return (
+        len(names) == 4 and names[0] == names[2] and names[1] == names[3] and names[0] != names[1]
+    )
 
 
 def supervisor_body(team: TeamDef) -> Any:
@@ -112,7 +114,9 @@ def supervisor_body(team: TeamDef) -> Any:
         elif _ping_pong(handoffs):
             stop_note = f"ping-pong between {handoffs[-1]['to']} and {handoffs[-2]['to']} stopped"
         if stop_note:
-            ctx.tracer.event("loop_guard", {"team": team.name, "step": step["id"], "reason": stop_note})
+            ctx.tracer.event(
+                "loop_guard", {"team": team.name, "step": step["id"], "reason": stop_note}
+            )
             return Command(goto="report", update={"note": stop_note})
         try:
             result: CallResult = yield ModelCall(
@@ -126,7 +130,7 @@ def supervisor_body(team: TeamDef) -> Any:
         except BudgetExhausted as exc:
             return Command(goto="report", update={"note": str(exc), "stop_reason": str(exc)})
         call = result.message.tool_calls[0] if result.message.tool_calls else None
-        target, args = _decide(call, worker_names, handoffs)
+        target, args = _decide(dict(call) if call else None, worker_names, handoffs)
         if target == FINISH:
             summary = str(args.get("summary", "")) if isinstance(args, dict) else ""
             return Command(goto="report", update={"summary": summary, "usage": result.usage})
@@ -135,18 +139,36 @@ def supervisor_body(team: TeamDef) -> Any:
         call_id = call["id"] if call and call.get("id") else f"handoff_{len(handoffs) + 1}"
         routed = AIMessage(
             content="",
-            tool_calls=[{"name": f"transfer_to_{target}", "args": {"task": task, "reason": reason}, "id": call_id}],
+            tool_calls=[
+                {
+                    "name": f"transfer_to_{target}",
+                    "args": {"task": task, "reason": reason},
+                    "id": call_id,
+                }
+            ],
         )
         handoff = {"from": "supervisor", "to": target, "reason": reason, "call_id": call_id}
         with ctx.tracer.span(
             f"handoff:{team.name}->{target}",
             span_type="CHAIN",
             inputs={"task": task},
-            attributes={"atlas.handoff.from": "supervisor", "atlas.handoff.to": target,
-                        "atlas.handoff.reason": reason, "atlas.step": step["id"]},
+            attributes={
+                "atlas.handoff.from": "supervisor",
+                "atlas.handoff.to": target,
+                "atlas.handoff.reason": reason,
+                "atlas.step": step["id"],
+            },
         ):
             pass
-        emit({"event": "handoff", "team": team.name, "step": step["id"], "to": target, "reason": reason})
+        emit(
+            {
+                "event": "handoff",
+                "team": team.name,
+                "step": step["id"],
+                "to": target,
+                "reason": reason,
+            }
+        )
         return Command(
             goto=target,
             update={
@@ -166,7 +188,8 @@ def _decide(
     """Where the supervisor's tool call routes; repairs a missing or unknown choice."""
     if call is not None:
         name = str(call.get("name", ""))
-        args = call.get("args") if isinstance(call.get("args"), dict) else {}
+        raw_args = call.get("args")
+        args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
         if name == FINISH and handoffs:
             return FINISH, args
         target = name.removeprefix("transfer_to_")
@@ -186,12 +209,19 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
         tools = make_tools(worker.tools, ctx.workspace)
         by_name = {t.name: t for t in tools}
         max_calls = ctx.spec.budget.max_tool_calls
-        lines = [_step_header(state), "", f"Your task: {state.get('assignment') or step['instruction']}"]
+        lines = [
+            _step_header(state),
+            "",
+            f"Your task: {state.get('assignment') or step['instruction']}",
+        ]
         reports = state.get("reports") or []
         if reports:
             lines += ["", "Reports from your teammates on this step:"]
             lines += [f"[{r['worker']}] {_clip(r['report'], 1500)}" for r in reports]
-        messages: list[BaseMessage] = [SystemMessage(persona.prompt), HumanMessage("\n".join(lines))]
+        messages: list[BaseMessage] = [
+            SystemMessage(persona.prompt),
+            HumanMessage("\n".join(lines)),
+        ]
         usage: Usage = {}
         calls_made = 0
         seen_calls: set[str] = set()
@@ -201,8 +231,13 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
             f"worker:{worker.name}",
             span_type="AGENT",
             inputs={"task": state.get("assignment") or step["instruction"]},
-            attributes={"atlas.team": team.name, "atlas.worker": worker.name, "atlas.step": step["id"],
-                        "atlas.persona": persona.name, "atlas.tools": worker.tools},
+            attributes={
+                "atlas.team": team.name,
+                "atlas.worker": worker.name,
+                "atlas.step": step["id"],
+                "atlas.persona": persona.name,
+                "atlas.tools": worker.tools,
+            },
         ) as span:
             while True:
                 allow_tools = bool(tools) and calls_made < max_calls and not note
@@ -230,9 +265,13 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                     key = json.dumps([call["name"], call.get("args")], sort_keys=True, default=str)
                     tool = by_name.get(call["name"])
                     if tool is None:
-                        output = f"error: no tool named {call['name']!r}; yours: {', '.join(by_name)}"
+                        output = (
+                            f"error: no tool named {call['name']!r}; yours: {', '.join(by_name)}"
+                        )
                     elif key in seen_calls:
-                        output = "error: you already made this exact call; answer with what you have"
+                        output = (
+                            "error: you already made this exact call; answer with what you have"
+                        )
                         note = "repeated tool call refused"
                         ctx.tracer.event("loop_guard", {"worker": worker.name, "reason": note})
                     elif calls_made >= max_calls:
@@ -244,7 +283,9 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                             output = yield ToolRun(tool, dict(call.get("args") or {}))
                         except Exception as exc:
                             output = f"error: {type(exc).__name__}: {exc}"
-                    messages.append(ToolMessage(content=str(output), tool_call_id=call["id"], name=call["name"]))
+                    messages.append(
+                        ToolMessage(content=str(output), tool_call_id=call["id"], name=call["name"])
+                    )
             span.set_outputs({"report": _clip(report, 1000)})
             span.set_attributes({"atlas.tool_calls": calls_made})
         sup_messages = list(state.get("messages") or [])
@@ -271,7 +312,9 @@ def report_body(team: TeamDef) -> Any:
         reports = state.get("reports") or []
         output = "\n\n".join(f"[{r['worker']}]\n{r['report']}" for r in reports) or "(no reports)"
         stop = state.get("stop_reason")
-        status = "budget_exhausted" if stop else ("stopped" if state.get("note") else "done")
+        status: Literal["done", "stopped", "budget_exhausted"] = (
+            "budget_exhausted" if stop else ("stopped" if state.get("note") else "done")
+        )
         result: StepResult = {
             "id": step["id"],
             "team": team.name,
@@ -284,8 +327,16 @@ def report_body(team: TeamDef) -> Any:
             "status": status,
             "note": state.get("note", ""),
         }
-        emit({"event": "step_done", "id": step["id"], "team": team.name, "status": status,
-              "workers": result["workers"], "note": result["note"]})
+        emit(
+            {
+                "event": "step_done",
+                "id": step["id"],
+                "team": team.name,
+                "status": status,
+                "workers": result["workers"],
+                "note": result["note"],
+            }
+        )
         return {"results": {step["id"]: result}}
         yield  # a generator body that makes no calls
 
@@ -297,8 +348,11 @@ def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, A
     graph: StateGraph[Any, Any, Any, Any] = StateGraph(
         TeamState, input_schema=TeamInput, output_schema=TeamOutput
     )
-    graph.add_node("supervisor", node("supervisor", supervisor_body(team), fallback),
-                   destinations=(*[w.name for w in team.workers], "report"))
+    graph.add_node(
+        "supervisor",
+        node("supervisor", supervisor_body(team), fallback),
+        destinations=(*[w.name for w in team.workers], "report"),
+    )
     for worker in team.workers:
         graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
         graph.add_edge(worker.name, "supervisor")

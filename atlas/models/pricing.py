@@ -34,7 +34,9 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 
-def price_for(model: str, prices: dict[str, tuple[float, float]] | None = None) -> tuple[float, float] | None:
+def price_for(
+    model: str, prices: dict[str, tuple[float, float]] | None = None
+) -> tuple[float, float] | None:
     table = PRICES if prices is None else prices
     name = model.split(":", 1)[-1].lower()
     best = None

@@ -100,7 +100,9 @@ class DataSource:
                 columns = [d[0] for d in cursor.description or []]
                 rows = cursor.fetchmany(self.max_rows + 1)
             except duckdb.InterruptException:
-                raise ToolError(f"query took longer than {self.timeout_s:g}s and was stopped") from None
+                raise ToolError(
+                    f"query took longer than {self.timeout_s:g}s and was stopped"
+                ) from None
             except duckdb.Error as exc:
                 raise ToolError(f"SQL error: {_first_line(exc)}") from None
             finally:

@@ -1,0 +1,100 @@
+"""Shared fixtures. No test reaches past 127.0.0.1, and no test calls a real model provider."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+QUICKSTART = EXAMPLES / "quickstart" / "task.yaml"
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _loopback_only(address: Any) -> None:
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        if not (host.startswith("127.") or host in ("localhost", "::1", "0.0.0.0")):
+            raise RuntimeError(f"test tried to reach {address!r}: tests stay on 127.0.0.1")
+
+
+@pytest.fixture(autouse=True)
+def _no_network_no_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any connection beyond loopback, and hide real provider keys."""
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        _loopback_only(address)
+        return _real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> Any:
+        _loopback_only(address)
+        return _real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MLFLOW_TRACKING_URI", "ATLAS_STATE_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> Callable[..., Any]:
+    """A TaskSpec over the quickstart's documents and data, tracing off unless asked."""
+    from atlas.spec import TaskSpec
+
+    def make(**overrides: Any) -> TaskSpec:
+        data: dict[str, Any] = {
+            "task": "Write a short brief on the bike-share pilot.",
+            "acceptance": ["States the total number of trips.", "Cites the notes."],
+            "inputs": {
+                "documents": [str(EXAMPLES / "quickstart" / "docs" / "*.md")],
+                "data": [str(EXAMPLES / "quickstart" / "data" / "*.csv")],
+            },
+            "output": str(tmp_path / "out" / "brief.md"),
+            "tracing": {"enabled": False},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return TaskSpec.from_dict(data, base_dir=tmp_path)
+
+    return make
+
+
+def atlas_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m atlas ...` in a subprocess with a clean, key-free environment."""
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MLFLOW_TRACKING_URI")
+    }
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "atlas", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,107 @@
+"""Crash and resume: a run killed with SIGKILL continues from its checkpoint, redoing no work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, atlas_cli
+
+RESEARCH_OR_ANALYSIS = {
+    "transfer_to_searcher",
+    "transfer_to_reader",
+    "transfer_to_data_explorer",
+    "transfer_to_statistician",
+    "search_documents",
+    "read_document",
+    "describe_data",
+    "query_data",
+}
+
+
+def _calls(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _start_and_kill(tmp_path: Path, log: Path, when: Callable[[list[dict]], bool]) -> str:
+    shutil_src = EXAMPLES / "quickstart"
+    task = tmp_path / "task.yaml"
+    task.write_text(
+        (shutil_src / "task.yaml")
+        .read_text()
+        .replace("docs/*.md", str(shutil_src / "docs" / "*.md"))
+        .replace("data/*.csv", str(shutil_src / "data" / "*.csv"))
+    )
+    model = f"scripted?latency_ms=150&call_log={log}"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    err = tmp_path / "run.stderr"
+    with open(err, "wb") as err_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atlas", "run", str(task), "--model", model, "--quiet"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_fh,
+        )
+    deadline = time.monotonic() + 120
+    try:
+        while not when(_calls(log)):
+            assert proc.poll() is None, (
+                f"run ended before the kill point: {err.read_text()[-2000:]}"
+            )
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    runs = json.loads(atlas_cli("runs", "--json", cwd=tmp_path).stdout)
+    assert runs[0]["status"] == "running"  # killed: never marked finished
+    return str(runs[0]["run_id"])
+
+
+@pytest.mark.e2e
+def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    run_id = _start_and_kill(
+        tmp_path, log, lambda calls: any("transfer_to_drafter" in c["tools"] for c in calls)
+    )
+    first_pid = _calls(log)[0]["pid"]
+    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "passed" and summary["resumed"] is True
+    after = [c for c in _calls(log) if c["pid"] != first_pid]
+    assert after, "the resumed run made no calls"
+    assert not any(c["role"] == "planner" for c in after)
+    assert not any(set(c["tools"]) & RESEARCH_OR_ANALYSIS for c in after)
+    assert Path(summary["output"]).is_file()
+
+
+@pytest.mark.e2e
+def test_kill_during_parallel_wave_then_resume_completes(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    run_id = _start_and_kill(
+        tmp_path, log, lambda calls: sum(c["role"] == "worker" for c in calls) >= 2
+    )
+    before = _calls(log)
+    first_pid = before[0]["pid"]
+    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "passed"
+    after = [c for c in _calls(log) if c["pid"] != first_pid]
+    assert not any(c["role"] == "planner" for c in after)  # the plan was checkpointed
+    full_run = 28
+    assert len(before) + len(after) < full_run + len(before)  # less than starting over
+    assert len(after) < full_run
