@@ -123,6 +123,10 @@ class RunContext:
     extras: dict[str, Any] = field(default_factory=dict)
     """Room for later subsystems (memory) without widening every signature."""
 
+    def close(self) -> None:
+        self.workspace.close()
+        self.models.close()
+
     @classmethod
     def create(
         cls,

@@ -169,6 +169,8 @@ def runs_table(records: list[Any]) -> None:
     import time
 
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)  # pipes and logs: one row per line
     table = Table(show_header=True, header_style="bold")
     for col in ("run id", "name", "status", "score", "iter", "tokens", "started", "trace id"):
         table.add_column(col, overflow="fold")

@@ -240,7 +240,7 @@ def run(
             output=result.output,
             stop_reason=result.stop_reason or result.error,
         )
-        ctx.workspace.close()
+        ctx.close()
         trace.close()
         emit({"event": "end", **result.to_dict()})
         _LAST_RESULT[0] = result
@@ -372,7 +372,7 @@ async def arun(
             output=result.output,
             stop_reason=result.stop_reason,
         )
-        ctx.workspace.close()
+        ctx.close()
         await asyncio.to_thread(trace.close)
         emit({"event": "end", **result.to_dict()})
     return result

@@ -111,8 +111,8 @@ class ScriptedModel(BaseChatModel):
             role, message = "planner", self._plan(messages, _tool(tools, "Plan"))
         elif "Verdict" in names:
             role, message = "judge", self._verdict(messages)
-        elif any(n.startswith("transfer_to_") for n in names):
-            role, message = "supervisor", self._route(messages, names)
+        elif "handoff" in names:
+            role, message = "supervisor", self._route(messages, _tool(tools, "handoff"))
         elif tools:
             role, message = "worker", self._work(messages, tools)
         else:
@@ -138,9 +138,11 @@ class ScriptedModel(BaseChatModel):
         with self._lock:
             self.calls.append(role)
         if self.call_log:
-            line = json.dumps(
-                {"pid": os.getpid(), "role": role, "tools": [c["name"] for c in message.tool_calls]}
-            )
+            calls = [
+                f"{c['name']}:{c['args'].get('to')}" if c["name"] == "handoff" else c["name"]
+                for c in message.tool_calls
+            ]
+            line = json.dumps({"pid": os.getpid(), "role": role, "tools": calls})
             with _log_lock, open(self.call_log, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
 
@@ -183,14 +185,15 @@ class ScriptedModel(BaseChatModel):
         }
         return _call("Verdict", verdict)
 
-    def _route(self, messages: list[BaseMessage], names: list[str]) -> AIMessage:
-        workers = [n.removeprefix("transfer_to_") for n in names if n.startswith("transfer_to_")]
+    def _route(self, messages: list[BaseMessage], tool: dict[str, Any]) -> AIMessage:
+        targets = _enum_at(tool, "to") or ["finish"]
+        workers = [t for t in targets if t != "finish"]
         done = [
-            c["name"].removeprefix("transfer_to_")
+            c["args"].get("to")
             for m in messages
             if isinstance(m, AIMessage)
             for c in m.tool_calls
-            if c["name"].startswith("transfer_to_")
+            if c["name"] == "handoff"
         ]
         task = _section(_human_text(messages), "Step") or "the step"
         if self.behaviour == "ping_pong":
@@ -200,9 +203,10 @@ class ScriptedModel(BaseChatModel):
         elif len(done) < len(workers):
             nxt = workers[len(done)]
         else:
-            return _call("finish", {"summary": f"All workers reported on: {_digest(task, 120)}"})
+            summary = f"All workers reported on: {_digest(task, 120)}"
+            return _call("handoff", {"to": "finish", "task": summary, "reason": "step answered"})
         reason = f"{nxt} is the next worker for this step"
-        return _call(f"transfer_to_{nxt}", {"task": _digest(task, 300), "reason": reason})
+        return _call("handoff", {"to": nxt, "task": _digest(task, 300), "reason": reason})
 
     def _work(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> AIMessage:
         used = [m for m in messages if isinstance(m, ToolMessage)]

@@ -76,11 +76,15 @@ def test_embed_example_runs(tmp_path: Path) -> None:
 def test_runs_lists_runs_with_status(examples_copy: Path, tmp_path: Path) -> None:
     task = examples_copy / "quickstart" / "task.yaml"
     atlas_cli("run", str(task), "--model", "scripted?fail_iterations=9", "--json", cwd=tmp_path)
+    atlas_cli("run", str(task), "--model", "scripted", "--json", cwd=tmp_path)
     proc = atlas_cli("runs", "--json", cwd=tmp_path)
-    (record,) = json.loads(proc.stdout)
-    assert record["status"] == "failed"
-    assert record["name"] == "Bike-share pilot brief"
-    assert record["iterations"] == 2
+    newest, oldest = json.loads(proc.stdout)
+    assert (oldest["status"], newest["status"]) == ("failed", "passed")
+    assert oldest["name"] == "Bike-share pilot brief"
+    assert oldest["iterations"] == 1 and newest["score"] == 0.9
+    assert newest["trace_id"].startswith("tr-")
+    table = atlas_cli("runs", cwd=tmp_path).stdout
+    assert newest["run_id"][:9] in table and "failed" in table
 
 
 def test_not_passing_exits_1_and_keeps_the_output(examples_copy: Path, tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import pytest
 from tests.conftest import EXAMPLES, atlas_cli
 
 RESEARCH_OR_ANALYSIS = {
-    "transfer_to_searcher",
-    "transfer_to_reader",
-    "transfer_to_data_explorer",
-    "transfer_to_statistician",
+    "handoff:searcher",
+    "handoff:reader",
+    "handoff:data_explorer",
+    "handoff:statistician",
     "search_documents",
     "read_document",
     "describe_data",
@@ -74,7 +74,7 @@ def _start_and_kill(tmp_path: Path, log: Path, when: Callable[[list[dict]], bool
 def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
     run_id = _start_and_kill(
-        tmp_path, log, lambda calls: any("transfer_to_drafter" in c["tools"] for c in calls)
+        tmp_path, log, lambda calls: any("handoff:drafter" in c["tools"] for c in calls)
     )
     first_pid = _calls(log)[0]["pid"]
     proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)

@@ -39,6 +39,8 @@ class ModelCall:
     schema: type[BaseModel] | None = None
     """Structured output: the result's `parsed` holds an instance, or None if unparseable."""
     run_name: str | None = None
+    max_tokens: int | None = None
+    """Output cap for this call on the local model (plans and drafts need more than a routing)."""
 
 
 @dataclass
@@ -61,13 +63,22 @@ Body = Generator[Effect, Any, Any]
 
 def _runnable(ctx: RunContext, call: ModelCall) -> Runnable[Any, Any]:
     model = ctx.models.get(call.role)
+    local = ctx.models.provider(call.role) == "local"
+    extra: dict[str, Any] = {}
+    if local and call.max_tokens:
+        extra["extra_body"] = {"max_tokens": call.max_tokens}
     if call.schema is not None:
         # Structured output as one forced tool call, parsed in _finish: a single model span in
-        # the trace instead of with_structured_output's parser chain.
-        return model.bind_tools([call.schema], tool_choice=call.schema.__name__)
+        # the trace instead of with_structured_output's parser chain. On the local server the
+        # forced call is grammar-constrained by the schema.
+        return model.bind_tools([call.schema], tool_choice=call.schema.__name__, **extra)
     if call.tools:
-        return model.bind_tools(call.tools, tool_choice=call.tool_choice)
-    return model
+        choice = call.tool_choice
+        if local and choice == "any":
+            # llama.cpp's function-calling format only honours a choice that names one tool.
+            choice = str(getattr(call.tools[0], "name", None) or call.tools[0].__name__)
+        return model.bind_tools(call.tools, tool_choice=choice, **extra)
+    return model.bind(**extra) if extra else model
 
 
 def parse_structured(
@@ -114,7 +125,7 @@ def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = 
     ctx.budget.reserve()
     try:
         runnable = _runnable(ctx, call)
-        out = runnable.invoke(call.messages, config=_config(call, config))
+        out = runnable.invoke(_messages_for(ctx, call), config=_config(call, config))
     except BaseException:
         ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
         raise
@@ -127,11 +138,25 @@ async def arun_model(
     ctx.budget.reserve()
     try:
         runnable = _runnable(ctx, call)
-        out = await runnable.ainvoke(call.messages, config=_config(call, config))
+        out = await runnable.ainvoke(_messages_for(ctx, call), config=_config(call, config))
     except BaseException:
         ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
         raise
     return _finish(ctx, call, out)
+
+
+def _messages_for(ctx: RunContext, call: ModelCall) -> list[BaseMessage]:
+    """llama.cpp's server rejects an assistant message whose content is null, which is what
+    langchain-openai sends for a tool-calling message with no text: give those a short text."""
+    if ctx.models.provider(call.role) != "local":
+        return call.messages
+    fixed: list[BaseMessage] = []
+    for message in call.messages:
+        if isinstance(message, AIMessage) and message.tool_calls and not message.content:
+            names = ", ".join(c["name"] for c in message.tool_calls)
+            message = message.model_copy(update={"content": f"(calling {names})"})
+        fixed.append(message)
+    return fixed
 
 
 def _config(call: ModelCall, config: RunnableConfig | None) -> RunnableConfig:

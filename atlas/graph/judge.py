@@ -15,13 +15,12 @@ from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, CallResult, ModelCall
 from atlas.graph.events import emit
+from atlas.graph.limits import clip, limits_for
 from atlas.graph.state import Verdict
 
 JUDGE_PROMPT = """You are a strict, fair judge. Decide whether the output meets each acceptance
 criterion of the task. For each criterion give passed true or false and one sentence of reason. Give
 an overall score from 0 to 1. If anything fails, say in the feedback exactly what to change."""
-
-MAX_JUDGED = 12_000
 
 
 def current_output(state: dict[str, Any], ctx: RunContext) -> str:
@@ -71,7 +70,7 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
     lines += [f"{i}. {c}" for i, c in enumerate(spec.acceptance, 1)] or [
         "1. The output fully does the task."
     ]
-    clipped = output if len(output) <= MAX_JUDGED else output[:MAX_JUDGED] + "\n...[cut]"
+    clipped = clip(output, limits_for(ctx, "judge").judged)
     lines += ["", "Output to judge:", clipped or "(empty)"]
     criteria = list(spec.acceptance) or ["The output fully does the task."]
     with ctx.tracer.span(
@@ -83,21 +82,21 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
                 messages=[SystemMessage(JUDGE_PROMPT), HumanMessage("\n".join(lines))],
                 schema=Verdict,
                 run_name="judge",
+                max_tokens=80 * len(criteria) + 120,
             )
         except BudgetExhausted as exc:
             ctx.tracer.event("budget_stop", {"limit": exc.limit, "where": "judge"})
             return {"stop_reason": str(exc)}
-        fallback = result.parsed is None
-        raw = (
-            result.parsed.model_dump()
-            if result.parsed is not None
-            else {
-                "passed": False,
-                "score": 0.0,
-                "criteria": [],
-                "feedback": "The judge's answer could not be read; judged as not passed.",
-            }
-        )
+        parsed = result.parsed.model_dump() if result.parsed is not None else _salvage(result)
+        fallback = parsed is None
+        raw = parsed or {
+            "passed": False,
+            "score": 0.0,
+            "criteria": [],
+            "feedback": "The judge's answer could not be read; judged as not passed.",
+        }
+        if result.parsed is None and parsed is not None:
+            raw["repaired"] = True
         verdict = normalize(raw, criteria, spec.judge.pass_threshold)
         verdict.update({"iteration": iteration, "fallback": fallback})
         span.set_outputs(verdict)
@@ -106,3 +105,25 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
         )
         emit({"event": "verdict", **verdict})
         return {"verdict": verdict, "verdicts": [verdict], "usage": result.usage}
+
+
+def _salvage(result: CallResult) -> dict[str, Any] | None:
+    """Repair a verdict that is well-formed JSON but out of range (a 0-10 or 0-100 score)."""
+    for call in result.message.tool_calls:
+        args = call.get("args")
+        if not isinstance(args, dict) or "passed" not in args:
+            continue
+        try:
+            score = float(args.get("score", 0))
+        except (TypeError, ValueError):
+            score = 0.0
+        if score > 1:
+            score = score / 10 if score <= 10 else score / 100
+        fixed = {**args, "score": min(1.0, max(0.0, score))}
+        fixed["criteria"] = [c for c in fixed.get("criteria") or [] if isinstance(c, dict)]
+        fixed.setdefault("feedback", "")
+        try:
+            return Verdict.model_validate(fixed).model_dump()
+        except ValueError:
+            return None
+    return None

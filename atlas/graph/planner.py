@@ -16,6 +16,7 @@ from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, CallResult, ModelCall
 from atlas.graph.events import emit
+from atlas.graph.limits import COMPACT, limits_for
 from atlas.graph.state import plan_schema
 from atlas.models.usage import Usage, merge_usage
 
@@ -85,6 +86,14 @@ def repair_plan(
         earlier.add(step["id"])
     if not steps:
         return default_plan(teams, task)[:max_steps], ["no usable steps: used the default plan"]
+    # A writing step that waits for nothing writes from nothing: make it wait for the gathering.
+    gatherers = [s["id"] for s in steps if s["team"] != "writing"]
+    orphans = [s for s in steps if s["team"] == "writing" and not s["depends_on"] and gatherers]
+    for step in orphans:
+        step["depends_on"] = list(gatherers)
+        notes.append(f"step {step['id']!r} now waits for {', '.join(gatherers)}")
+    if orphans:
+        steps = [s for s in steps if s not in orphans] + orphans
     if "writing" in teams and not any(s["team"] == "writing" for s in steps):
         ids = [s["id"] for s in steps]
         steps.append(
@@ -161,7 +170,9 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
             reason = "budget exhausted: max_steps"
             ctx.tracer.event("budget_stop", {"limit": "max_steps"})
             return {"iteration": iteration, "plan": [], "stop_reason": reason}
-        schema = plan_schema(list(spec.teams))
+        compact = limits_for(ctx, "planner") is COMPACT
+        # A small model plans one step per team; a larger one may split work further.
+        schema = plan_schema(list(spec.teams), len(spec.teams) if compact else 12)
         notes: list[str] = []
         fallback = False
         try:
@@ -170,6 +181,7 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
                 messages=planner_messages(state, ctx),
                 schema=schema,
                 run_name="planner",
+                max_tokens=120 * len(spec.teams) + 80,
             )
             usage = merge_usage(usage, result.usage)
             raw = (

@@ -40,7 +40,7 @@ class StepModel(BaseModel):
     depends_on: list[str] = Field(description="Ids of steps whose results this step needs")
 
 
-def plan_schema(teams: list[str]) -> type[BaseModel]:
+def plan_schema(teams: list[str], max_steps: int = 12) -> type[BaseModel]:
     """The `Plan` output schema for one task: `team` is an enum of the task's teams."""
     team_type: Any = Literal[tuple(teams)]
     step = create_model(
@@ -50,7 +50,10 @@ def plan_schema(teams: list[str]) -> type[BaseModel]:
     )
     return create_model(
         "Plan",
-        steps=(list[step], Field(description="Steps; independent steps run in parallel")),
+        steps=(
+            list[step],
+            Field(max_length=max_steps, description="Steps; independent steps run in parallel"),
+        ),
         rationale=(str, Field(description="One or two sentences on the plan")),
         __doc__="A plan: steps for the teams, with dependencies.",
     )

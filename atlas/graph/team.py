@@ -1,8 +1,8 @@
 """A team: a supervisor routing one step between its worker agents.
 
 `build_team(team_def)` returns an uncompiled `StateGraph`; the caller compiles it (as a subgraph
-of the run graph, or alone with its own checkpointer). The supervisor hands work over with
-handoff tools (`transfer_to_<worker>`, `finish`); handoffs are bounded by `budget.max_handoffs`,
+of the run graph, or alone with its own checkpointer). The supervisor hands work over with its
+handoff tool (`handoff(to=<worker>|finish)`); handoffs are bounded by `budget.max_handoffs`,
 and a supervisor bouncing between two workers (A, B, A, B) is stopped as ping-pong.
 
 Each worker is a tool-calling agent limited to the tools its definition lists: its tool set comes
@@ -18,68 +18,55 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.tools import StructuredTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
-from pydantic import BaseModel, Field
+from pydantic import Field, create_model
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, CallResult, ModelCall, ToolRun, node
 from atlas.graph.events import emit
+from atlas.graph.limits import Limits, clip, limits_for
 from atlas.graph.state import StepResult, TeamInput, TeamOutput, TeamState
 from atlas.models.usage import Usage, merge_usage
 from atlas.registry import TeamDef, WorkerDef
 from atlas.tools import make_tools
 
 FINISH = "finish"
-MAX_REPORT = 3000
+HANDOFF = "handoff"
 
 
-class _Transfer(BaseModel):
-    task: str = Field(description="What the worker should do, in one or two sentences")
-    reason: str = Field(description="Why this worker, in one sentence")
+def handoff_tool(team: TeamDef) -> StructuredTool:
+    """The supervisor's one routing tool: `handoff(to, task, reason)`, `to` an enum of workers.
 
-
-class _Finish(BaseModel):
-    summary: str = Field(description="Short summary of the step's result")
-
-
-def handoff_tools(team: TeamDef) -> list[StructuredTool]:
-    """One `transfer_to_<worker>` tool per worker, plus `finish`.
-
-    The tools are schemas for the supervisor model; routing happens in the supervisor node, which
-    turns the chosen call into `Command(goto=<worker>)`.
+    Made per team by this factory. The supervisor node turns the call into
+    `Command(goto=<worker>)`; `to="finish"` ends the step. One forced tool with an enum keeps
+    even a small model's choice valid (grammar-constrained on the local server).
     """
-    tools = [
-        StructuredTool.from_function(
-            func=lambda task, reason: "",
-            name=f"transfer_to_{w.name}",
-            description=f"Hand the work to {w.name}: {w.description}",
-            args_schema=_Transfer,
-        )
-        for w in team.workers
-    ]
-    tools.append(
-        StructuredTool.from_function(
-            func=lambda summary: "",
-            name=FINISH,
-            description="The step is done: finish with a short summary",
-            args_schema=_Finish,
-        )
+    targets: Any = Literal[(*[w.name for w in team.workers], FINISH)]
+    roster = "; ".join(f"{w.name}: {w.description}" for w in team.workers)
+    args = create_model(
+        "HandoffArgs",
+        to=(targets, Field(description=f"Worker to hand to, or finish. Workers: {roster}")),
+        task=(str, Field(description="What the worker should do (or, for finish, a summary)")),
+        reason=(str, Field(description="Why, in one sentence")),
     )
-    return tools
+    return StructuredTool.from_function(
+        func=lambda to, task, reason: "",
+        name=HANDOFF,
+        description="Hand the step to one of your workers, or finish it when it is done",
+        args_schema=args,
+    )
 
 
-def _clip(text: str, limit: int = MAX_REPORT) -> str:
-    return text if len(text) <= limit else text[:limit] + " ...[cut]"
-
-
-def _step_header(state: dict[str, Any]) -> str:
+def _step_header(state: dict[str, Any], limits: Limits) -> str:
     step = state["step"]
     lines = [f"Task: {state['task'].strip()}", f"Step: {step['instruction']}"]
     if state.get("criteria"):
         lines.append("Acceptance criteria of the whole task:")
         lines += [f"{i}. {c}" for i, c in enumerate(state["criteria"], 1)]
     if state.get("context"):
-        lines += ["", "Results of earlier steps:", state["context"]]
+        parts = state["context"].split("\n\n### ")
+        shown = [clip(p, limits.context_per_step) for p in parts]
+        lines += ["", "Results of earlier steps:", "\n\n### ".join(shown)]
     return "\n".join(lines)
 
 
@@ -92,7 +79,7 @@ def _ping_pong(handoffs: list[dict[str, str]]) -> bool:
 
 def supervisor_body(team: TeamDef) -> Any:
     worker_names = [w.name for w in team.workers]
-    tools = handoff_tools(team)
+    tools = [handoff_tool(team)]
 
     def body(state: dict[str, Any], ctx: RunContext) -> Body:
         step = state["step"]
@@ -104,7 +91,7 @@ def supervisor_body(team: TeamDef) -> Any:
             roster = "\n".join(f"- {w.name}: {w.description}" for w in team.workers)
             messages = [
                 SystemMessage(f"{persona.prompt}\n\nYour workers:\n{roster}"),
-                HumanMessage(_step_header(state)),
+                HumanMessage(_step_header(state, limits_for(ctx, "supervisor"))),
             ]
         stop_note = None
         if state.get("stop_reason"):
@@ -124,15 +111,16 @@ def supervisor_body(team: TeamDef) -> Any:
                 team=team.name,
                 messages=messages,
                 tools=tools,
-                tool_choice="any",
+                tool_choice=HANDOFF,
                 run_name=f"supervisor:{team.name}",
+                max_tokens=80,
             )
         except BudgetExhausted as exc:
             return Command(goto="report", update={"note": str(exc), "stop_reason": str(exc)})
         call = result.message.tool_calls[0] if result.message.tool_calls else None
         target, args = _decide(dict(call) if call else None, worker_names, handoffs)
         if target == FINISH:
-            summary = str(args.get("summary", "")) if isinstance(args, dict) else ""
+            summary = str(args.get("task", ""))
             return Command(goto="report", update={"summary": summary, "usage": result.usage})
         reason = str(args.get("reason", "")) or "no reason given"
         task = str(args.get("task", "")) or step["instruction"]
@@ -141,8 +129,8 @@ def supervisor_body(team: TeamDef) -> Any:
             content="",
             tool_calls=[
                 {
-                    "name": f"transfer_to_{target}",
-                    "args": {"task": task, "reason": reason},
+                    "name": HANDOFF,
+                    "args": {"to": target, "task": task, "reason": reason},
                     "id": call_id,
                 }
             ],
@@ -186,20 +174,19 @@ def _decide(
     call: dict[str, Any] | None, workers: list[str], handoffs: list[dict[str, str]]
 ) -> tuple[str, dict[str, Any]]:
     """Where the supervisor's tool call routes; repairs a missing or unknown choice."""
-    if call is not None:
-        name = str(call.get("name", ""))
+    if call is not None and call.get("name") == HANDOFF:
         raw_args = call.get("args")
         args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
-        if name == FINISH and handoffs:
+        target = str(args.get("to", ""))
+        if target == FINISH and handoffs:
             return FINISH, args
-        target = name.removeprefix("transfer_to_")
         if target in workers:
             return target, args
     used = {h["to"] for h in handoffs}
     for worker in workers:
         if worker not in used:
             return worker, {"reason": "routed by ATLAS: the supervisor's choice was unusable"}
-    return FINISH, {"summary": ""}
+    return FINISH, {"task": ""}
 
 
 def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
@@ -209,15 +196,21 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
         tools = make_tools(worker.tools, ctx.workspace)
         by_name = {t.name: t for t in tools}
         max_calls = ctx.spec.budget.max_tool_calls
+        limits = limits_for(ctx, f"team:{team.name}")
+        sup_limits = limits_for(ctx, "supervisor")
+        if ctx.models.provider(f"team:{team.name}") == "local":
+            # A small local model makes one forced tool call, then answers from its result.
+            max_calls = 1
+        writes = any(t in ("save_draft",) for t in worker.tools)
         lines = [
-            _step_header(state),
+            _step_header(state, limits),
             "",
             f"Your task: {state.get('assignment') or step['instruction']}",
         ]
         reports = state.get("reports") or []
         if reports:
             lines += ["", "Reports from your teammates on this step:"]
-            lines += [f"[{r['worker']}] {_clip(r['report'], 1500)}" for r in reports]
+            lines += [f"[{r['worker']}] {clip(r['report'], limits.report)}" for r in reports]
         messages: list[BaseMessage] = [
             SystemMessage(persona.prompt),
             HumanMessage("\n".join(lines)),
@@ -249,6 +242,7 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                         tools=tools if allow_tools else None,
                         tool_choice="any" if allow_tools and calls_made == 0 else None,
                         run_name=f"worker:{worker.name}",
+                        max_tokens=450 if writes else (160 if allow_tools else 200),
                     )
                 except BudgetExhausted as exc:
                     note = str(exc)
@@ -284,14 +278,21 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                         except Exception as exc:
                             output = f"error: {type(exc).__name__}: {exc}"
                     messages.append(
-                        ToolMessage(content=str(output), tool_call_id=call["id"], name=call["name"])
+                        ToolMessage(
+                            content=clip(str(output), limits.tool_output),
+                            tool_call_id=call["id"],
+                            name=call["name"],
+                        )
                     )
-            span.set_outputs({"report": _clip(report, 1000)})
+            span.set_outputs({"report": clip(report, 1000)})
             span.set_attributes({"atlas.tool_calls": calls_made})
         sup_messages = list(state.get("messages") or [])
         call_id = (state.get("handoffs") or [{}])[-1].get("call_id", "handoff")
         sup_messages.append(
-            ToolMessage(content=f"{worker.name} reported:\n{_clip(report)}", tool_call_id=call_id)
+            ToolMessage(
+                content=f"{worker.name} reported:\n{clip(report, sup_limits.report)}",
+                tool_call_id=call_id,
+            )
         )
         update: dict[str, Any] = {
             "messages": sup_messages,

