@@ -92,12 +92,25 @@ class ModelSpec(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0, description="Cap on tokens generated per call")
     timeout_s: float | None = Field(None, gt=0)
+    max_retries: int = Field(
+        3, ge=0, le=10, description="Retries on 429, 5xx and timeouts (backoff with jitter)"
+    )
+    fallbacks: list[ModelSpec] = Field(
+        default_factory=list, description="Tried in order when this model keeps failing"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Extra provider options")
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
         parse_model_string(value)
+        return value
+
+    @field_validator("fallbacks", mode="before")
+    @classmethod
+    def _fallback_strs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [_model_from_string(v) for v in value]
         return value
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ValidationError
 
 from atlas.context import RunContext
 from atlas.errors import ModelConfigError
+from atlas.graph.events import emit
+from atlas.models.resilience import Notice, Sleep, attempts
 from atlas.models.usage import Usage, call_usage
 
 
@@ -61,9 +64,8 @@ Effect = ModelCall | ToolRun
 Body = Generator[Effect, Any, Any]
 
 
-def _runnable(ctx: RunContext, call: ModelCall) -> Runnable[Any, Any]:
-    model = ctx.models.get(call.role)
-    local = ctx.models.provider(call.role) == "local"
+def _runnable(model: Any, provider: str, call: ModelCall) -> Runnable[Any, Any]:
+    local = provider == "local"
     extra: dict[str, Any] = {}
     if local and call.max_tokens:
         extra["extra_body"] = {"max_tokens": call.max_tokens}
@@ -106,14 +108,13 @@ def parse_structured(
     return None, error
 
 
-def _finish(ctx: RunContext, call: ModelCall, out: Any) -> CallResult:
+def _finish(ctx: RunContext, call: ModelCall, out: Any, label: str) -> CallResult:
     message = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
     result = CallResult(message)
     if call.schema is not None:
         result.parsed, result.parse_error = parse_structured(message, call.schema)
     meta: dict[str, Any] = dict(result.message.usage_metadata or {})
     inp, outp = int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0))
-    label = ctx.models.label(call.role)
     cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp)
     result.usage = call_usage(
         model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost
@@ -121,34 +122,82 @@ def _finish(ctx: RunContext, call: ModelCall, out: Any) -> CallResult:
     return result
 
 
+def _deadline(ctx: RunContext) -> float | None:
+    timeout = ctx.spec.budget.timeout_s
+    return None if timeout is None else ctx.budget.started + timeout
+
+
+def _report(ctx: RunContext, notice: Notice) -> None:
+    ctx.tracer.event(notice.kind, notice.attributes)
+    emit({"event": notice.kind, **notice.attributes})
+
+
 def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None) -> CallResult:
+    """One model call with the budget, retries, fallbacks and usage accounting."""
     ctx.budget.reserve()
+    plan = attempts(call.role, ctx.models.chain(call.role), _deadline(ctx))
     try:
-        runnable = _runnable(ctx, call)
-        out = runnable.invoke(_messages_for(ctx, call), config=_config(call, config))
+        step = next(plan)
+        while True:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                step = next(plan)
+            elif isinstance(step, Notice):
+                _report(ctx, step)
+                step = next(plan)
+            else:
+                try:
+                    model = ctx.models.resolve(step.spec)
+                    runnable = _runnable(model, step.spec.provider, call)
+                    messages = _messages_for(step.spec.provider, call)
+                    out = runnable.invoke(messages, config=_config(call, config))
+                except Exception as exc:
+                    step = plan.send(exc)
+                    continue
+                return _finish(ctx, call, out, step.spec.model)
     except BaseException:
         ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
         raise
-    return _finish(ctx, call, out)
+    finally:
+        plan.close()
 
 
 async def arun_model(
     ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None
 ) -> CallResult:
+    """`run_model` for the async path: awaits the model and the backoff sleeps."""
     ctx.budget.reserve()
+    plan = attempts(call.role, ctx.models.chain(call.role), _deadline(ctx))
     try:
-        runnable = _runnable(ctx, call)
-        out = await runnable.ainvoke(_messages_for(ctx, call), config=_config(call, config))
+        step = next(plan)
+        while True:
+            if isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+                step = next(plan)
+            elif isinstance(step, Notice):
+                _report(ctx, step)
+                step = next(plan)
+            else:
+                try:
+                    model = await asyncio.to_thread(ctx.models.resolve, step.spec)
+                    runnable = _runnable(model, step.spec.provider, call)
+                    messages = _messages_for(step.spec.provider, call)
+                    out = await runnable.ainvoke(messages, config=_config(call, config))
+                except Exception as exc:
+                    step = plan.send(exc)
+                    continue
+                return _finish(ctx, call, out, step.spec.model)
     except BaseException:
         ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
         raise
-    return _finish(ctx, call, out)
+    finally:
+        plan.close()
 
 
-def _messages_for(ctx: RunContext, call: ModelCall) -> list[BaseMessage]:
+def _messages_for(provider: str, call: ModelCall) -> list[BaseMessage]:
     """llama.cpp's server rejects an assistant message whose content is null, which is what
     langchain-openai sends for a tool-calling message with no text: give those a short text."""
-    if ctx.models.provider(call.role) != "local":
+    if provider != "local":
         return call.messages
     fixed: list[BaseMessage] = []
     for message in call.messages:

@@ -99,8 +99,17 @@ class ModelRoles:
             chosen = getattr(models, role, None)
         return chosen or models.default or default_model_spec()
 
+    def chain(self, role: str) -> list[ModelSpec]:
+        """The role's model, then its fallbacks (its own, else `models.fallbacks`)."""
+        primary = self.spec_for(role)
+        if self.override:
+            return [primary]
+        return [primary, *(primary.fallbacks or self.spec.models.fallbacks)]
+
     def get(self, role: str) -> BaseChatModel:
-        spec = self.spec_for(role)
+        return self.resolve(self.spec_for(role))
+
+    def resolve(self, spec: ModelSpec) -> BaseChatModel:
         key = spec.model_dump_json()
         if key not in self._cache:
             self._cache[key] = resolve_model(spec, self._servers)
