@@ -52,6 +52,8 @@ class RunResult:
     stop_reason: str | None = None
     models: dict[str, str] = field(default_factory=dict)
     by_team: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Usage per model that answered (fallbacks included)."""
     resumed: bool = False
     error: str | None = None
 
@@ -94,7 +96,8 @@ def _summarize(
     cost = run.get("cost_usd") if not run.get("cost_unknown_calls") else None
     verdict = values.get("verdict") or {}
     by_team = {k.removeprefix("team:"): totals(usage, k) for k in usage if k.startswith("team:")}
-    for counters in by_team.values():
+    by_model = {k.removeprefix("model:"): totals(usage, k) for k in usage if k.startswith("model:")}
+    for counters in [*by_team.values(), *by_model.values()]:
         if counters.get("cost_unknown_calls"):
             counters.pop("cost_usd", None)
     return RunResult(
@@ -114,6 +117,7 @@ def _summarize(
         stop_reason=values.get("stop_reason"),
         models=ctx.models.describe(),
         by_team=by_team,
+        by_model=by_model,
         resumed=resumed,
     )
 
@@ -241,7 +245,7 @@ def run(
             stop_reason=result.stop_reason or result.error,
         )
         ctx.close()
-        trace.close()
+        trace.close(status)
         emit({"event": "end", **result.to_dict()})
         _LAST_RESULT[0] = result
     return result
@@ -373,7 +377,7 @@ async def arun(
             stop_reason=result.stop_reason,
         )
         ctx.close()
-        await asyncio.to_thread(trace.close)
+        await asyncio.to_thread(trace.close, status)
         emit({"event": "end", **result.to_dict()})
     return result
 

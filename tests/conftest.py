@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+# What ATLAS sets before it starts MLflow, set here too because tests import MLflow directly.
+os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 QUICKSTART = EXAMPLES / "quickstart" / "task.yaml"

@@ -65,10 +65,13 @@ def resolve_model(spec: ModelSpec, servers: list[Any] | None = None) -> BaseChat
                 f"model {spec.model}: environment variable {spec.api_key_env} is not set"
             )
         options["api_key"] = key
-    elif not spec.base_url:
+    else:
         env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}[provider]
         if not os.environ.get(env):
-            raise ModelConfigError(f"model {spec.model} needs {env} to be set (or api_key_env)")
+            if not spec.base_url:
+                raise ModelConfigError(f"model {spec.model} needs {env} to be set (or api_key_env)")
+            # A self-hosted OpenAI-compatible server (vLLM, Ollama, llama.cpp) needs no key.
+            options["api_key"] = "not-needed"
     options.setdefault("max_retries", 0)  # retries are ATLAS's, see atlas.models.calls
     from langchain.chat_models import init_chat_model
 

@@ -27,7 +27,7 @@ class NullTrace:
     def finish(self, ctx: RunContext, values: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         pass
 
 

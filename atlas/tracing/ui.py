@@ -58,6 +58,9 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         raise SpecError(f"no MLflow store at {uri}: run a task first", field="--state-dir")
+    from atlas.tracing.mlflow import offline_defaults
+
+    offline_defaults()
     base = f"http://{args.host}:{args.port}"
     proc = subprocess.Popen(ui_command(uri, args.host, args.port))
     try:

@@ -1,0 +1,98 @@
+"""A span processor: no secrets and no bulky payloads leave the process in a trace.
+
+- Secrets: the values of environment variables whose names look secret (`*_KEY`, `*TOKEN*`,
+  `*SECRET*`, `*PASSWORD*`) and strings shaped like provider keys (`sk-...`) are replaced by
+  `[REDACTED]` in span inputs, outputs and attributes.
+- Size: graph-node spans carry the whole graph state by default. Any input, output or attribute
+  larger than `MAX_FIELD_CHARS` is cut, so a trace stays small however long the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any
+
+log = logging.getLogger("atlas.tracing")
+
+MAX_FIELD_CHARS = 2500
+_SECRET_NAME = re.compile(r"(_KEY|TOKEN|SECRET|PASSWORD|_PAT)$|^(OPENAI|ANTHROPIC)_API_KEY$", re.I)
+_KEY_SHAPE = re.compile(r"\b(sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,})\b")
+REDACTED = "[REDACTED]"
+
+
+def secret_values() -> list[str]:
+    """Secret-looking environment values, longest first (so no prefix is left behind)."""
+    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub_text(text: str, secrets: list[str]) -> str:
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return _KEY_SHAPE.sub(REDACTED, text)
+
+
+def scrub(value: Any, secrets: list[str], limit: int = MAX_FIELD_CHARS) -> Any:
+    """Redact secrets anywhere in a JSON-like value, then cut it to about `limit` characters."""
+    if isinstance(value, str):
+        text = scrub_text(value, secrets)
+        return text if len(text) <= limit else text[:limit] + f"...[cut {len(text) - limit} chars]"
+    if isinstance(value, dict):
+        out = {str(k): scrub(v, secrets, limit) for k, v in value.items()}
+        return _fit(out, limit)
+    if isinstance(value, list | tuple):
+        return _fit([scrub(v, secrets, limit) for v in value], limit)
+    return value
+
+
+def _fit(value: Any, limit: int) -> Any:
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return value
+    if len(text) <= limit * 2:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: (v if len(json.dumps(v, default=str)) <= 300 else _summary(v))
+            for k, v in value.items()
+        }
+    return [*value[:5], f"...[{len(value) - 5} more items cut]"] if len(value) > 5 else value
+
+
+def _summary(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    kind = type(value).__name__
+    size = len(value) if isinstance(value, dict | list | str) else 1
+    return f"[{kind} with {size} entries, {len(text)} chars, cut: {text[:200]}...]"
+
+
+def make_processor() -> Any:
+    """The function MLflow calls on every span before export."""
+
+    def process(span: Any) -> None:
+        secrets = secret_values()
+        try:
+            inputs = span.inputs
+            if inputs is not None:
+                span.set_inputs(scrub(inputs, secrets))
+            outputs = span.outputs
+            if outputs is not None:
+                span.set_outputs(scrub(outputs, secrets))
+            attributes = span.attributes or {}
+            cleaned = {
+                k: scrub(v, secrets)
+                for k, v in attributes.items()
+                if not k.startswith("mlflow.span")
+            }
+            changed = {k: v for k, v in cleaned.items() if v != attributes.get(k)}
+            if changed:
+                span.set_attributes(changed)
+        except Exception as exc:  # telemetry never fails a run
+            log.debug("could not clean span %s: %s", getattr(span, "name", "?"), exc)
+
+    return process
