@@ -65,15 +65,16 @@ def serve(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(ui_command(uri, args.host, args.port))
     try:
         wait_until_up(base, proc)
-        print(f"MLflow UI: {base}")
+        print(f"MLflow UI: {base}", flush=True)
         if latest is not None and latest.trace_id:
             import mlflow
 
             client = mlflow.MlflowClient(uri)
             trace = client.get_trace(latest.trace_id)
             exp = trace.info.experiment_id
-            print(f"latest run {latest.run_id}: {trace_url(base, exp, latest.trace_id)}")
-        print("Ctrl-C to stop")
+            url = trace_url(base, exp, latest.trace_id)
+            print(f"latest run {latest.run_id}: {url}", flush=True)
+        print("Ctrl-C to stop", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0

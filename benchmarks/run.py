@@ -1,0 +1,213 @@
+"""ATLAS benchmarks: `scripts/bench` (or `python -m benchmarks.run`).
+
+Every comparison is a ratio of numbers measured in the same run, interleaved, because these
+machines are shared and noisy. Results go to benchmarks/results.json (committed),
+benchmarks/results.md (included in the README) and benchmarks/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICKSTART = ROOT / "examples" / "quickstart"
+
+os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _spec(traced: bool, state: Path, out: Path) -> Any:
+    from atlas.spec import TaskSpec
+
+    return TaskSpec.from_dict(
+        {
+            "task": "Write a one-page brief on the bike-share pilot.",
+            "acceptance": ["States the total number of trips.", "Cites the notes."],
+            "inputs": {
+                "documents": [str(QUICKSTART / "docs" / "*.md")],
+                "data": [str(QUICKSTART / "data" / "*.csv")],
+            },
+            "output": str(out),
+            "tracing": {"enabled": traced, "experiment": "bench"},
+        },
+        base_dir=state,
+    )
+
+
+def bench_tracing_cost(rounds: int, latency_ms: int) -> dict[str, Any]:
+    """Wall time of the same dry run traced and untraced, interleaved, medians and ratio."""
+    import atlas
+
+    model = f"scripted?latency_ms={latency_ms}"
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        # warm-up: imports, and the one-time creation of the MLflow store
+        for traced in (True, False):
+            atlas.run(_spec(traced, state, state / "warm.md"), model=model, state_dir_path=state)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        calls = 0
+        for n in range(rounds):
+            for traced in (True, False) if n % 2 == 0 else (False, True):
+                started = time.perf_counter()
+                result = atlas.run(
+                    _spec(traced, state, state / f"o{n}.md"), model=model, state_dir_path=state
+                )
+                times[traced].append(time.perf_counter() - started)
+                calls = result.model_calls
+    traced_s, untraced_s = statistics.median(times[True]), statistics.median(times[False])
+    return {
+        "workload": f"dry run, {calls} scripted calls of {latency_ms} ms, {rounds} rounds",
+        "traced_s": round(traced_s, 3),
+        "untraced_s": round(untraced_s, 3),
+        "ratio": round(traced_s / untraced_s, 3),
+        "goal": "<= 1.05",
+        "met": traced_s / untraced_s <= 1.05,
+        "samples": {
+            "traced": [round(t, 3) for t in times[True]],
+            "untraced": [round(t, 3) for t in times[False]],
+        },
+    }
+
+
+def bench_help(rounds: int) -> dict[str, Any]:
+    """Start-up: `python -m atlas --help`, median wall time."""
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "atlas", "--help"], check=True, capture_output=True)
+        samples.append(time.perf_counter() - started)
+    median = statistics.median(samples)
+    return {
+        "median_s": round(median, 3),
+        "goal": "<= 1 s",
+        "met": median <= 1.0,
+        "samples": [round(s, 3) for s in samples],
+    }
+
+
+def bench_tracking_down(rounds: int) -> dict[str, Any]:
+    """A dry run with MLFLOW_TRACKING_URI on a refused port against a normal traced dry run."""
+    import socket
+
+    import atlas
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    times: dict[str, list[float]] = {"normal": [], "server_down": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        atlas.run(_spec(True, state, state / "warm.md"), model="scripted", state_dir_path=state)
+        for n in range(rounds):
+            for kind in ("normal", "server_down") if n % 2 == 0 else ("server_down", "normal"):
+                uri = dead if kind == "server_down" else None
+                started = time.perf_counter()
+                atlas.run(
+                    _spec(True, state, state / f"d{n}.md"),
+                    model="scripted",
+                    state_dir_path=state,
+                    tracking_uri=uri,
+                )
+                times[kind].append(time.perf_counter() - started)
+    normal, down = statistics.median(times["normal"]), statistics.median(times["server_down"])
+    return {
+        "normal_s": round(normal, 3),
+        "server_down_s": round(down, 3),
+        "extra_s": round(down - normal, 3),
+        "goal": "<= 5 s extra",
+        "met": down - normal <= 5,
+    }
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "startup": lambda a: bench_help(a.rounds * 2),
+    "tracing_cost": lambda a: bench_tracing_cost(a.rounds, 100),
+    "tracking_down": lambda a: bench_tracking_down(a.rounds),
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["| benchmark | measured | goal | met |", "|---|---|---|---|"]
+    b = results["benchmarks"]
+    if "startup" in b:
+        s = b["startup"]
+        lines.append(
+            f"| `python -m atlas --help` | {s['median_s']:.3f} s | {s['goal']} | "
+            f"{'yes' if s['met'] else 'no'} |"
+        )
+    if "tracing_cost" in b:
+        t = b["tracing_cost"]
+        lines.append(
+            f"| traced / untraced wall time ({t['workload']}) | {t['ratio']:.3f} "
+            f"({t['traced_s']:.2f} s / {t['untraced_s']:.2f} s) | {t['goal']} | "
+            f"{'yes' if t['met'] else 'no'} |"
+        )
+    if "tracking_down" in b:
+        d = b["tracking_down"]
+        lines.append(
+            f"| dry run with the tracking server down (refused port) | +{d['extra_s']:.2f} s "
+            f"({d['server_down_s']:.2f} s vs {d['normal_s']:.2f} s) | {d['goal']} | "
+            f"{'yes' if d['met'] else 'no'} |"
+        )
+    lines.append("")
+    lines.append(f"Measured {results['when']} on {results['machine']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = results["benchmarks"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if "tracing_cost" in b:
+        t = b["tracing_cost"]
+        ax.boxplot(
+            [t["samples"]["untraced"], t["samples"]["traced"]], tick_labels=["untraced", "traced"]
+        )
+        ax.set_ylabel("wall time (s)")
+        ax.set_title(f"Tracing cost: ratio {t['ratio']:.3f} (goal <= 1.05)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES))
+    args = parser.parse_args(argv)
+    chosen = args.only or list(BENCHES)
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "benchmarks": {},
+    }
+    for name in chosen:
+        print(f"==> {name}", flush=True)
+        results["benchmarks"][name] = BENCHES[name](args)
+        print(json.dumps(results["benchmarks"][name], indent=2), flush=True)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(markdown(results))
+    plot(results, HERE / "results.png")
+    print(f"wrote {HERE / 'results.json'}, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
