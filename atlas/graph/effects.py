@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.runtime import get_runtime
 from pydantic import BaseModel, ValidationError
@@ -276,17 +276,35 @@ def current_context(fallback: Callable[[], RunContext] | None = None) -> RunCont
     raise ModelConfigError("this graph needs an atlas RunContext: use atlas.run() or pass context=")
 
 
+class _Node(Runnable[dict[str, Any], Any]):
+    """A graph node with a sync and an async path.
+
+    It calls the body directly instead of through `RunnableLambda`, which would open a second
+    callback run (and a second, empty trace span) under the one LangGraph opens for the node.
+    """
+
+    def __init__(
+        self, name: str, body: NodeBody, fallback: Callable[[], RunContext] | None
+    ) -> None:
+        self.name = name
+        self._body = body
+        self._fallback = fallback
+
+    def invoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Any:
+        ctx = current_context(self._fallback)
+        return _drive(self._body(input, ctx), ctx, config)
+
+    async def ainvoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Any:
+        ctx = current_context(self._fallback)
+        return await _adrive(self._body(input, ctx), ctx, config)
+
+
 def node(
     name: str, body: NodeBody, fallback: Callable[[], RunContext] | None = None
 ) -> Runnable[Any, Any]:
     """Make a LangGraph node, with sync and async paths, from a generator body."""
-
-    def sync(state: dict[str, Any], config: RunnableConfig) -> Any:
-        ctx = current_context(fallback)
-        return _drive(body(state, ctx), ctx, config)
-
-    async def asyn(state: dict[str, Any], config: RunnableConfig) -> Any:
-        ctx = current_context(fallback)
-        return await _adrive(body(state, ctx), ctx, config)
-
-    return RunnableLambda(sync, afunc=asyn, name=name)
+    return _Node(name, body, fallback)
