@@ -69,6 +69,35 @@ class RunResult:
 
 
 _STREAM_MODES: list[StreamMode] = ["custom", "values"]
+# Progress events (custom) from every subgraph, the top-level state after each step, and a
+# checkpoint written before the next step starts, so a SIGKILL loses only steps in flight.
+_STREAM: dict[str, Any] = {"stream_mode": _STREAM_MODES, "subgraphs": True, "durability": "sync"}
+
+
+def _consume(part: Any, emit: EventHandler, values: dict[str, Any]) -> dict[str, Any]:
+    """Handle one streamed (namespace, mode, chunk): forward events, keep the latest state."""
+    namespace, mode, chunk = part
+    if mode == "custom":
+        emit(cast(dict[str, Any], chunk))
+    elif mode == "values" and not namespace:
+        return cast(dict[str, Any], chunk)
+    return values
+
+
+def _record_fields(result: RunResult) -> dict[str, Any]:
+    """What a finished (or failed) run writes to its record in runs.db."""
+    return {
+        "status": result.status,
+        "finished_at": now(),
+        "iterations": result.iterations,
+        "tokens": result.tokens,
+        "cost_usd": result.cost_usd,
+        "score": result.score,
+        "trace_id": result.trace_id,
+        "tracking_uri": result.tracking_uri,
+        "output": result.output,
+        "stop_reason": result.stop_reason or result.error,
+    }
 
 
 def _prepare(
@@ -196,18 +225,9 @@ def run(
                 values = dict(snapshot.values)
             else:
                 graph_input = None if _resume and snapshot.values else {"task": spec.task}
-                for _ns, mode, chunk in graph.stream(
-                    graph_input,
-                    config,
-                    context=ctx,
-                    stream_mode=_STREAM_MODES,
-                    subgraphs=True,
-                    durability="sync",
-                ):
-                    if mode == "custom":
-                        emit(cast(dict[str, Any], chunk))
-                    elif mode == "values" and not _ns:
-                        values = cast(dict[str, Any], chunk)
+                stream = graph.stream(graph_input, config, context=ctx, **_STREAM)
+                for part in stream:
+                    values = _consume(part, emit, values)
             status = values.get("status") or "failed"
             trace.finish(ctx, values)
     except KeyboardInterrupt:
@@ -231,19 +251,7 @@ def run(
             result.output = salvaged
         if error is not None:
             result.error = _one_line(error)
-        store.update(
-            ctx.run_id,
-            status=status,
-            finished_at=now(),
-            iterations=result.iterations,
-            tokens=result.tokens,
-            cost_usd=result.cost_usd,
-            score=result.score,
-            trace_id=result.trace_id,
-            tracking_uri=result.tracking_uri,
-            output=result.output,
-            stop_reason=result.stop_reason or result.error,
-        )
+        store.update(ctx.run_id, **_record_fields(result))
         ctx.close()
         trace.close(status)
         emit({"event": "end", **result.to_dict()})
@@ -345,37 +353,16 @@ async def arun(
 
             with trace.root(ctx, resumed=False):
                 graph = build_graph(spec, checkpointer=saver, context=ctx)
-                async for _ns, mode, chunk in graph.astream(
-                    {"task": spec.task},
-                    config,
-                    context=ctx,
-                    stream_mode=_STREAM_MODES,
-                    subgraphs=True,
-                    durability="sync",
+                async for part in graph.astream(
+                    {"task": spec.task}, config, context=ctx, **_STREAM
                 ):
-                    if mode == "custom":
-                        emit(cast(dict[str, Any], chunk))
-                    elif mode == "values" and not _ns:
-                        values = cast(dict[str, Any], chunk)
+                    values = _consume(part, emit, values)
                 status = values.get("status") or "failed"
                 await asyncio.to_thread(trace.finish, ctx, values)
     finally:
         result = _summarize(ctx, values, time.perf_counter() - started, trace, False)
         result.status = status
-        await asyncio.to_thread(
-            store.update,
-            ctx.run_id,
-            status=status,
-            finished_at=now(),
-            iterations=result.iterations,
-            tokens=result.tokens,
-            cost_usd=result.cost_usd,
-            score=result.score,
-            trace_id=result.trace_id,
-            tracking_uri=result.tracking_uri,
-            output=result.output,
-            stop_reason=result.stop_reason,
-        )
+        await asyncio.to_thread(store.update, ctx.run_id, **_record_fields(result))
         ctx.close()
         await asyncio.to_thread(trace.close, status)
         emit({"event": "end", **result.to_dict()})

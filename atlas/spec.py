@@ -109,9 +109,7 @@ class ModelSpec(_Strict):
     @field_validator("fallbacks", mode="before")
     @classmethod
     def _fallback_strs(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [_model_from_string(v) for v in value]
-        return value
+        return _models_from_strings(value)
 
     @property
     def provider(self) -> str:
@@ -121,6 +119,12 @@ class ModelSpec(_Strict):
 def _model_from_string(value: Any) -> Any:
     if isinstance(value, str):
         return {"model": value}
+    return value
+
+
+def _models_from_strings(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_model_from_string(v) for v in value]
     return value
 
 
@@ -151,9 +155,7 @@ class Models(_Strict):
     @field_validator("fallbacks", mode="before")
     @classmethod
     def _fallback_strs(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [_model_from_string(v) for v in value]
-        return value
+        return _models_from_strings(value)
 
 
 class Budget(_Strict):

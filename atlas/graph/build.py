@@ -18,6 +18,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
 from atlas.context import RunContext
+from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, node
 from atlas.graph.events import emit
 from atlas.graph.judge import current_output, judge_body
@@ -52,7 +53,7 @@ def dispatch_body(state: dict[str, Any], ctx: RunContext) -> Body:
     if not update.get("stop_reason") and not state.get("stop_reason"):
         try:
             ctx.budget.check()
-        except Exception as exc:  # BudgetExhausted
+        except BudgetExhausted as exc:
             update["stop_reason"] = str(exc)
             ready = []
     ids = [s["id"] for s in ready]

@@ -18,6 +18,7 @@ from atlas.graph.effects import Body, CallResult, ModelCall
 from atlas.graph.events import emit
 from atlas.graph.limits import COMPACT, limits_for
 from atlas.graph.state import plan_schema
+from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
 
 PLANNER_PROMPT = """You are the planner of a team of AI teams. Split the task into a few steps, each
@@ -192,7 +193,7 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
         except BudgetExhausted as exc:
             ctx.tracer.event("budget_stop", {"limit": exc.limit, "where": "plan"})
             return {"iteration": iteration, "plan": [], "stop_reason": str(exc), "usage": usage}
-        except Exception as exc:  # a provider failure after retries: fall back, say so
+        except ProviderError as exc:  # every model failed after retries: fall back, say so
             raw = []
             notes.append(f"planner call failed ({type(exc).__name__}): used the default plan")
         if not raw:
