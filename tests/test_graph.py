@@ -204,3 +204,22 @@ def test_compiled_graph_embeds_as_a_subgraph(
     final = outer.compile().invoke({"task": spec.task}, {"configurable": {"thread_id": "embed-1"}})
     assert final["status"] == "passed"
     assert Path(final["output_path"]).exists()
+
+
+def test_iter_events_streams_progress_then_the_summary(
+    make_spec: Callable[..., Any], state_dir: Path
+) -> None:
+    events = list(atlas.iter_events(make_spec(), model="scripted", state_dir_path=state_dir))
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.index("plan") < kinds.index("verdict") < kinds.index("finalize")
+    assert events[-1]["status"] == "passed"
+
+
+def test_resuming_a_finished_run_changes_nothing(
+    make_spec: Callable[..., Any], state_dir: Path
+) -> None:
+    first, _ = _run(make_spec(), state_dir)
+    again = atlas.resume(first.run_id, state_dir_path=state_dir)
+    assert again.status == "passed" and again.resumed
+    assert again.model_calls == first.model_calls  # nothing was run again
