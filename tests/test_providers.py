@@ -228,3 +228,35 @@ def test_classification() -> None:
     assert classify(Err(503)).retryable  # type: ignore[union-attr]
     assert not classify(Err(401)).retryable  # type: ignore[union-attr]
     assert classify(ValueError("mine")) is None
+
+
+def test_judge_outage_ends_the_run_unpassed_with_its_output(
+    make_spec: Callable[..., Any], state_dir: Path
+) -> None:
+    with FakeProviders(always="500") as down:
+        spec = make_spec(
+            models={"default": "scripted", "judge": _openai(down, max_retries=1)},
+            budget={"max_iterations": 3},
+        )
+        events: list[dict[str, Any]] = []
+        result = atlas.run(spec, state_dir_path=state_dir, on_event=events.append)
+    assert result.status == "failed"
+    assert result.iterations == 1  # no replanning into an outage
+    assert "judge unavailable" in (result.stop_reason or "")
+    assert Path(result.output).read_text().strip()
+    verdict = next(e for e in events if e["event"] == "verdict")
+    assert verdict["fallback"] is True and not verdict["passed"]
+
+
+def test_worker_outage_is_noted_and_the_run_goes_on(
+    make_spec: Callable[..., Any], state_dir: Path
+) -> None:
+    with FakeProviders(always="500") as down:
+        spec = make_spec(
+            models={"default": "scripted", "teams": {"analysis": _openai(down, max_retries=0)}}
+        )
+        events: list[dict[str, Any]] = []
+        result = atlas.run(spec, state_dir_path=state_dir, on_event=events.append)
+    assert result.status == "passed"
+    notes = [e["note"] for e in events if e["event"] == "step_done" and e["team"] == "analysis"]
+    assert notes and "model unavailable" in notes[0]

@@ -17,6 +17,7 @@ from atlas.graph.effects import Body, CallResult, ModelCall
 from atlas.graph.events import emit
 from atlas.graph.limits import clip, limits_for
 from atlas.graph.state import Verdict
+from atlas.models.resilience import ProviderError
 
 JUDGE_PROMPT = """You are a strict, fair judge. Decide whether the output meets each acceptance
 criterion of the task. For each criterion give passed true or false and one sentence of reason. Give
@@ -87,6 +88,21 @@ def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
         except BudgetExhausted as exc:
             ctx.tracer.event("budget_stop", {"limit": exc.limit, "where": "judge"})
             return {"stop_reason": str(exc)}
+        except ProviderError as exc:
+            # No judge, no verdict: the run ends unpassed with its output, rather than failing
+            # or replanning into an outage.
+            reason = f"judge unavailable: {exc}"
+            verdict = {
+                "passed": False,
+                "score": 0.0,
+                "criteria": [{"criterion": c, "passed": False, "reason": reason} for c in criteria],
+                "feedback": reason,
+                "iteration": iteration,
+                "fallback": True,
+            }
+            span.set_outputs(verdict)
+            emit({"event": "verdict", **verdict})
+            return {"verdict": verdict, "verdicts": [verdict], "stop_reason": reason}
         parsed = result.parsed.model_dump() if result.parsed is not None else _salvage(result)
         fallback = parsed is None
         raw = parsed or {

@@ -26,6 +26,7 @@ from atlas.graph.effects import Body, CallResult, ModelCall, ToolRun, node
 from atlas.graph.events import emit
 from atlas.graph.limits import Limits, clip, limits_for
 from atlas.graph.state import StepResult, TeamInput, TeamOutput, TeamState
+from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
 from atlas.registry import TeamDef, WorkerDef
 from atlas.tools import make_tools
@@ -117,6 +118,8 @@ def supervisor_body(team: TeamDef) -> Any:
             )
         except BudgetExhausted as exc:
             return Command(goto="report", update={"note": str(exc), "stop_reason": str(exc)})
+        except ProviderError as exc:
+            return Command(goto="report", update={"note": f"supervisor model unavailable: {exc}"})
         call = result.message.tool_calls[0] if result.message.tool_calls else None
         target, args = _decide(dict(call) if call else None, worker_names, handoffs)
         if target == FINISH:
@@ -248,6 +251,10 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                     note = str(exc)
                     report = report or "(stopped by the budget before answering)"
                     break
+                except ProviderError as exc:
+                    note = f"model unavailable: {exc}"
+                    report = report or "(the model was unavailable; no answer)"
+                    break
                 usage = merge_usage(usage, result.usage)
                 message = result.message
                 wanted = [c for c in message.tool_calls if allow_tools]
@@ -301,7 +308,8 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
         }
         if note.startswith("budget exhausted"):
             update["stop_reason"] = note
-            update["note"] = note
+        if note:
+            update["note"] = f"{worker.name}: {note}"
         return update
 
     return body
