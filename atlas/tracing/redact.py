@@ -38,34 +38,40 @@ def scrub_text(text: str, secrets: list[str]) -> str:
 
 def scrub(value: Any, secrets: list[str], limit: int = MAX_FIELD_CHARS) -> Any:
     """Redact secrets anywhere in a JSON-like value, then cut it to about `limit` characters."""
+    return _cap(_redact(value, secrets, limit), limit)
+
+
+def _redact(value: Any, secrets: list[str], limit: int) -> Any:
     if isinstance(value, str):
         text = scrub_text(value, secrets)
         return text if len(text) <= limit else text[:limit] + f"...[cut {len(text) - limit} chars]"
     if isinstance(value, dict):
-        out = {str(k): scrub(v, secrets, limit) for k, v in value.items()}
-        return _fit(out, limit)
+        return {str(k): _redact(v, secrets, limit) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return _fit([scrub(v, secrets, limit) for v in value], limit)
+        return [_redact(v, secrets, limit) for v in value]
     return value
 
 
-def _fit(value: Any, limit: int) -> Any:
+def _cap(value: Any, limit: int) -> Any:
+    """Serialise once; only a value that is too large is summarised, entry by entry."""
+    if not isinstance(value, dict | list):
+        return value
     try:
-        text = json.dumps(value, default=str)
+        size = len(json.dumps(value, default=str))
     except (TypeError, ValueError):
         return value
-    if len(text) <= limit * 2:
+    if size <= limit * 2:
         return value
     if isinstance(value, dict):
-        return {
-            k: (v if len(json.dumps(v, default=str)) <= 300 else _summary(v))
-            for k, v in value.items()
-        }
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            text = json.dumps(item, default=str)
+            out[key] = item if len(text) <= 300 else _summary(item, text)
+        return out
     return [*value[:5], f"...[{len(value) - 5} more items cut]"] if len(value) > 5 else value
 
 
-def _summary(value: Any) -> str:
-    text = json.dumps(value, default=str)
+def _summary(value: Any, text: str) -> str:
     kind = type(value).__name__
     size = len(value) if isinstance(value, dict | list | str) else 1
     return f"[{kind} with {size} entries, {len(text)} chars, cut: {text[:200]}...]"
