@@ -194,7 +194,7 @@ def markdown(results: dict[str, Any]) -> str:
     if "tracking_down" in b:
         d = b["tracking_down"]
         lines.append(
-            f"| dry run with the tracking server down (refused port) | +{d['extra_s']:.2f} s "
+            f"| dry run with the tracking server down (refused port) | {d['extra_s']:+.2f} s "
             f"({d['server_down_s']:.2f} s vs {d['normal_s']:.2f} s) | {d['goal']} | "
             f"{'yes' if d['met'] else 'no'} |"
         )
