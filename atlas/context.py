@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from atlas.errors import BudgetExhausted
 from atlas.models.pricing import cost_usd
@@ -120,8 +120,6 @@ class RunContext:
     """Per-run files: drafts, plan.json."""
     tracer: Tracer
     """Coordination spans; a no-op tracer when tracing is off."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Room for later subsystems (memory) without widening every signature."""
 
     def close(self) -> None:
         self.workspace.close()

@@ -84,6 +84,20 @@ def _consume(part: Any, emit: EventHandler, values: dict[str, Any]) -> dict[str,
     return values
 
 
+def _new_record(ctx: RunContext, model: str | None, task_file: str | None) -> RunRecord:
+    """The record of a run that starts now."""
+    return RunRecord(
+        run_id=ctx.run_id,
+        name=ctx.spec.display_name,
+        task_file=task_file,
+        spec_json=spec_to_json(ctx.spec),
+        model=model,
+        status="running",
+        started_at=now(),
+        pid=os.getpid(),
+    )
+
+
 def _record_fields(result: RunResult) -> dict[str, Any]:
     """What a finished (or failed) run writes to its record in runs.db."""
     return {
@@ -182,18 +196,7 @@ def run(
 
     ctx.tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
     if not _resume:
-        store.start(
-            RunRecord(
-                run_id=ctx.run_id,
-                name=spec.display_name,
-                task_file=task_file,
-                spec_json=spec_to_json(spec),
-                model=model,
-                status="running",
-                started_at=now(),
-                pid=os.getpid(),
-            )
-        )
+        store.start(_new_record(ctx, model, task_file))
     else:
         store.update(ctx.run_id, status="running", pid=os.getpid())
     started = time.perf_counter()
@@ -325,17 +328,7 @@ async def arun(
         start_tracing, spec, directory, tracking_uri=tracking_uri, on_event=on_event
     )
     store = RunStore(directory)
-    record = RunRecord(
-        run_id=ctx.run_id,
-        name=spec.display_name,
-        task_file=None,
-        spec_json=spec_to_json(spec),
-        model=model,
-        status="running",
-        started_at=now(),
-        pid=os.getpid(),
-    )
-    await asyncio.to_thread(store.start, record)
+    await asyncio.to_thread(store.start, _new_record(ctx, model, None))
     emit = on_event or (lambda event: None)
     emit(
         {"event": "start", "run_id": ctx.run_id, "models": ctx.models.describe(), "resumed": False}

@@ -437,8 +437,6 @@ def _loc_str(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after[_check_model(), ModelSpec]",):
-            continue
         else:
             out += ("." if out else "") + str(part)
     return out

@@ -50,6 +50,14 @@ def _no_network_no_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+def check_snapshot(name: str, text: str) -> None:
+    """Compare with tests/snapshots/<name>; UPDATE_SNAPSHOTS=1 rewrites it (review the diff)."""
+    path = ROOT / "tests" / "snapshots" / name
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ import pytest
 import atlas
 from atlas.graph import build_graph
 from atlas.graph.planner import repair_plan
-
-SNAPSHOTS = Path(__file__).parent / "snapshots"
+from tests.conftest import check_snapshot
 
 
 def _run(
@@ -27,10 +25,7 @@ def _run(
 
 def test_graph_topology_snapshot(make_spec: Callable[..., Any]) -> None:
     mermaid = build_graph(make_spec()).get_graph().draw_mermaid()
-    snapshot = SNAPSHOTS / "run_graph.mmd"
-    if os.environ.get("UPDATE_SNAPSHOTS"):
-        snapshot.write_text(mermaid)
-    assert mermaid == snapshot.read_text()
+    check_snapshot("run_graph.mmd", mermaid)
     for name in (
         "plan",
         "dispatch",

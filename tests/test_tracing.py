@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -14,8 +13,8 @@ from typing import Any
 import pytest
 
 import atlas
+from tests.conftest import check_snapshot
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 # LangGraph's edge writers show up as anonymous chain spans whose names differ between sync and
 # async; they carry no decision, so the normalized tree leaves them out.
 _NOISE = {None, "None", "RunnableCallable", "RunnableSequence", "RunnableLambda"}
@@ -54,13 +53,6 @@ def span_tree(trace: Any) -> str:
     roots = kids.get(None, [])
     assert len(roots) == 1, f"expected one root span, got {[r.name for r in roots]}"
     return "\n".join(render(roots[0], 0)) + "\n"
-
-
-def _check_snapshot(name: str, text: str) -> None:
-    path = SNAPSHOTS / name
-    if os.environ.get("UPDATE_SNAPSHOTS"):
-        path.write_text(text)
-    assert text == path.read_text()
 
 
 def test_a_run_is_one_trace_with_the_whole_story(
@@ -155,7 +147,7 @@ def test_run_metrics_artifacts_and_agent_version(
 
 def test_sync_span_tree_snapshot(make_spec: Callable[..., Any], state_dir: Path) -> None:
     result = atlas.run(_traced(make_spec), model="scripted", state_dir_path=state_dir)
-    _check_snapshot("trace_tree.txt", span_tree(_trace(result)))
+    check_snapshot("trace_tree.txt", span_tree(_trace(result)))
 
 
 def test_async_span_tree_with_parallel_teams(
@@ -167,7 +159,7 @@ def test_async_span_tree_with_parallel_teams(
     )
     trace = _trace(result)
     tree = span_tree(trace)
-    _check_snapshot("trace_tree.txt", tree)  # the same tree as the sync run
+    check_snapshot("trace_tree.txt", tree)  # the same tree as the sync run
     by_id = {s.span_id: s for s in trace.data.spans}
     for span in trace.data.spans:
         if (span.name or "").startswith("worker:") and span.span_type == "AGENT":

@@ -133,9 +133,6 @@ def planner_messages(state: dict[str, Any], ctx: RunContext) -> list[Any]:
         lines.append(
             f"Data files available to analysis: {', '.join(p.name for p in spec.data_paths)}"
         )
-    memory_context = ctx.extras.get("planner_context")
-    if memory_context:
-        lines.append(f"\nFrom memory:\n{memory_context}")
     lines.append(f"\nIteration: {iteration}")
     verdicts = state.get("verdicts") or []
     if verdicts:

@@ -24,13 +24,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atlas._process import stop as stop_process
+from atlas._process import wait_for_http
 from atlas.errors import ModelConfigError
 
 if TYPE_CHECKING:
@@ -137,29 +137,16 @@ class LocalServer:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-500:]
-                self.stop()
-                raise ModelConfigError(f"the local model server exited at start: {tail.strip()}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise ModelConfigError(f"the local model server did not start within {READY_TIMEOUT_S:g}s")
+        problem = wait_for_http(f"{self.base_url}/models", self.process, READY_TIMEOUT_S)
+        if problem is not None:
+            tail = self.log_path.read_text(errors="replace")[-500:].strip()
+            self.stop()
+            raise ModelConfigError(f"the local model server {problem}: {tail}")
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc)
         if self.log_path is not None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,6 @@ class Workspace:
     documents: DocumentIndex
     data: DataSource
     drafts: DraftStore
-    extra_tools: dict[str, Callable[[Workspace], BaseTool]] = field(default_factory=dict)
 
     @classmethod
     def for_spec(cls, spec: TaskSpec, run_dir: Path) -> Workspace:
@@ -135,7 +134,7 @@ BUILTIN_TOOLS: dict[str, Callable[[Workspace], BaseTool]] = {
 
 def make_tools(names: list[str], ws: Workspace) -> list[BaseTool]:
     """The tools named by a worker definition, bound to this run's workspace."""
-    factories = {**BUILTIN_TOOLS, **ws.extra_tools}
+    factories = BUILTIN_TOOLS
     tools = []
     for name in names:
         factory = factories.get(name)

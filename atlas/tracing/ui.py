@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
+from atlas._process import stop, wait_for_http
 from atlas.errors import AtlasError, SpecError
 from atlas.runs import RunStore, state_dir
 
@@ -35,19 +34,6 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
     ]
 
 
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AtlasError(f"the MLflow UI exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AtlasError(f"the MLflow UI did not answer at {url} within {timeout:g}s")
-
-
 def serve(args: argparse.Namespace) -> int:
     directory = state_dir(args.state_dir)
     latest = RunStore(directory).latest()
@@ -64,7 +50,9 @@ def serve(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}"
     proc = subprocess.Popen(ui_command(uri, args.host, args.port))
     try:
-        wait_until_up(base, proc)
+        problem = wait_for_http(f"{base}/health", proc, 90.0)
+        if problem is not None:
+            raise AtlasError(f"the MLflow UI {problem}")
         print(f"MLflow UI: {base}", flush=True)
         if latest is not None and latest.trace_id:
             import mlflow
@@ -79,9 +67,4 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, signal.SIGINT)

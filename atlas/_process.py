@@ -1,0 +1,34 @@
+"""Child servers ATLAS starts on 127.0.0.1 (the local model server, the MLflow UI)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import urllib.request
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """Poll `url` until it answers. None when it does; otherwise why not (exited or timed out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return None
+        except OSError:
+            time.sleep(0.2)
+    return f"did not answer at {url} within {timeout:g}s"
+
+
+def stop(proc: subprocess.Popen[bytes], first: signal.Signals = signal.SIGTERM) -> None:
+    """Ask a child to stop, then kill it if it has not within 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(first)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
