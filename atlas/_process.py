@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import signal
 import subprocess
 import time
 import urllib.request
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a child server: the kernel sends it SIGTERM when ATLAS dies, even of
+    SIGKILL, so no server outlives the process that started it (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:

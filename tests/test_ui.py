@@ -98,6 +98,23 @@ def test_trace_of_a_dry_run_shows_coordination_spans_and_the_verdict(
         ui.terminate()
         ui.wait(timeout=30)
     assert (SCREENSHOTS / "mlflow-trace.png").stat().st_size > 10_000
+    deadline = time.monotonic() + 15
+    while _mlflow_servers_on(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _mlflow_servers_on(port), "the MLflow server outlived `atlas ui`"
+
+
+def _mlflow_servers_on(port: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mlflow" in args and b"server" in args and str(port).encode() in args:
+                found.append(int(entry.name))
+    return found
 
 
 def test_ui_binds_loopback_by_default() -> None:

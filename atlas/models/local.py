@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,8 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atlas._process import die_with_parent, wait_for_http
 from atlas._process import stop as stop_process
-from atlas._process import wait_for_http
 from atlas.errors import ModelConfigError
 
 if TYPE_CHECKING:
@@ -75,11 +73,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -135,7 +128,7 @@ class LocalServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         problem = wait_for_http(f"{self.base_url}/models", self.process, READY_TIMEOUT_S)
         if problem is not None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from atlas._process import stop, wait_for_http
+from atlas._process import die_with_parent, stop, wait_for_http
 from atlas.errors import AtlasError, SpecError
 from atlas.runs import RunStore, state_dir
 
@@ -48,7 +48,9 @@ def serve(args: argparse.Namespace) -> int:
 
     offline_defaults()
     base = f"http://{args.host}:{args.port}"
-    proc = subprocess.Popen(ui_command(uri, args.host, args.port))
+    proc = subprocess.Popen(ui_command(uri, args.host, args.port), preexec_fn=die_with_parent)
+    # SIGTERM ends `atlas ui` like Ctrl-C does, through the `finally` that stops the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         problem = wait_for_http(f"{base}/health", proc, 90.0)
         if problem is not None:
