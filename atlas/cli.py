@@ -1,4 +1,4 @@
-"""`python -m atlas`: run, resume, runs, validate, schema, ui.
+"""`python -m atlas`: run, resume, runs, validate, schema, ui, memory.
 
 Imports are lazy so `--help` is fast. Exit codes: 0 passed, 1 finished without passing (or a
 budget stop; the output is still written), 2 bad input, 3 runtime failure, 130 interrupted.
@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", metavar="URI")
     state(ui)
+
+    from atlas.memory.cli import add_parser as add_memory
+
+    add_memory(sub, state)
     return parser
 
 
@@ -195,6 +199,12 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from atlas.memory.cli import run
+
+    return run(args)
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from atlas.tracing.ui import serve
 
@@ -208,4 +218,5 @@ _COMMANDS = {
     "validate": _cmd_validate,
     "schema": _cmd_schema,
     "ui": _cmd_ui,
+    "memory": _cmd_memory,
 }

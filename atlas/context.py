@@ -17,6 +17,7 @@ from atlas.models.pricing import cost_usd
 from atlas.models.usage import Usage, totals
 
 if TYPE_CHECKING:
+    from atlas.memory import Memory
     from atlas.models import ModelRoles
     from atlas.registry import Registry
     from atlas.spec import Budget as BudgetSpec
@@ -120,10 +121,14 @@ class RunContext:
     """Per-run files: drafts, plan.json."""
     tracer: Tracer
     """Coordination spans; a no-op tracer when tracing is off."""
+    memory: Memory | None = None
+    """Vector and graph memory kept across runs; None when `memory.enabled` is false."""
 
     def close(self) -> None:
         self.workspace.close()
         self.models.close()
+        if self.memory is not None:
+            self.memory.close()
 
     @classmethod
     def create(
@@ -135,6 +140,7 @@ class RunContext:
         model: str | None = None,
         tracer: Tracer | None = None,
     ) -> RunContext:
+        from atlas.memory.store import Memory
         from atlas.models import ModelRoles
         from atlas.registry import Registry
         from atlas.tools import Workspace
@@ -144,13 +150,15 @@ class RunContext:
         base = (state_dir or Path(".atlas")).resolve()
         run_dir = base / "runs" / rid
         run_dir.mkdir(parents=True, exist_ok=True)
+        memory = Memory.for_spec(spec, base) if spec.memory.enabled else None
         return cls(
             spec=spec,
             models=ModelRoles(spec, override=model),
             registry=Registry.for_spec(spec),
-            workspace=Workspace.for_spec(spec, run_dir),
+            workspace=Workspace.for_spec(spec, run_dir, memory=memory),
             budget=Budget(spec.budget),
             run_id=rid,
             run_dir=run_dir,
             tracer=tracer or NullTracer(),
+            memory=memory,
         )

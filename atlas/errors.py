@@ -46,6 +46,17 @@ class RunNotFound(AtlasError):
     exit_code = 2
 
 
+class MemoryStoreError(AtlasError):
+    """A memory store cannot be opened or used: corrupt files, an unreachable server, a store
+    built with another embedder (exit code 3)."""
+
+
+class MemoryInputError(MemoryStoreError):
+    """Bad input to a memory command, such as a path that does not exist (exit code 2)."""
+
+    exit_code = 2
+
+
 class ToolError(AtlasError):
     """A tool refused its input (for example a path outside the workspace).
 

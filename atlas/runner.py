@@ -122,6 +122,14 @@ def _prepare(
     ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model)
     for role in ctx.models.describe():
         ctx.models.get(role)
+    if ctx.memory is not None:
+        # Open the stores now: a corrupt store or an unreachable memory server fails here,
+        # before any model call.
+        try:
+            ctx.memory.open()
+        except BaseException:
+            ctx.close()
+            raise
     return ctx
 
 

@@ -135,12 +135,15 @@ class Models(_Strict):
     planner: ModelSpec | None = None
     judge: ModelSpec | None = None
     supervisor: ModelSpec | None = None
+    memory: ModelSpec | None = Field(
+        None, description="Extracts entities from findings for graph memory"
+    )
     teams: dict[str, ModelSpec] = Field(default_factory=dict, description="Per team, e.g. research")
     fallbacks: list[ModelSpec] = Field(
         default_factory=list, description="Tried in order when a role's model keeps failing"
     )
 
-    @field_validator("default", "planner", "judge", "supervisor", mode="before")
+    @field_validator("default", "planner", "judge", "supervisor", "memory", mode="before")
     @classmethod
     def _str_to_spec(cls, value: Any) -> Any:
         return _model_from_string(value)
@@ -189,9 +192,28 @@ class Tracing(_Strict):
 
 class Memory(_Strict):
     enabled: bool = True
-    dir: str | None = Field(None, description="Memory directory; default <state dir>/memory")
-    vector_url: str | None = Field(None, description="Chroma server URL; default embedded")
-    graph_uri: str | None = Field(None, description="bolt:// or neo4j:// URI; default embedded")
+    dir: str | None = Field(
+        None, description="Memory directory, relative to the task file; default <state dir>/memory"
+    )
+    vector_url: str | None = Field(
+        None, pattern=r"^https?://", description="Chroma server URL; default embedded"
+    )
+    graph_uri: str | None = Field(
+        None,
+        pattern=r"^(bolt|neo4j)(\+s|\+ssc)?://",
+        description="Neo4j server, bolt:// or neo4j://; default embedded LadybugDB",
+    )
+    embedder: str = Field(
+        "local",
+        pattern=r"^(local|openai:[\w.-]+)$",
+        description="'local' (all-MiniLM-L6-v2, offline) or 'openai:<embedding model>'",
+    )
+    extract_entities: bool = Field(
+        True, description="Extract entities and relations from each finding into graph memory"
+    )
+    recall: int = Field(
+        3, ge=0, le=10, description="Passages from earlier runs shown to the planner and workers"
+    )
 
 
 class JudgeSettings(_Strict):

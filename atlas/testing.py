@@ -15,6 +15,7 @@ It is for tests, dry runs and benchmarks only; it is never a default.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -111,6 +112,8 @@ class ScriptedModel(BaseChatModel):
             role, message = "planner", self._plan(messages, _tool(tools, "Plan"))
         elif "Verdict" in names:
             role, message = "judge", self._verdict(messages)
+        elif "Entities" in names:
+            role, message = "memory", self._entities(messages)
         elif "handoff" in names:
             role, message = "supervisor", self._route(messages, _tool(tools, "handoff"))
         elif tools:
@@ -185,6 +188,21 @@ class ScriptedModel(BaseChatModel):
         }
         return _call("Verdict", verdict)
 
+    def _entities(self, messages: list[BaseMessage]) -> AIMessage:
+        """Capitalised phrases as entities, each related to the next one."""
+        names: list[str] = []
+        for match in _NAME.finditer(_human_text(messages)):
+            name = match.group(0)
+            if name.split()[0] not in _NOT_NAMES and name not in names and len(name) > 2:
+                names.append(name)
+        names = names[:8]
+        relations = [
+            {"source": a, "relation": "mentioned with", "target": b}
+            for a, b in itertools.pairwise(names)
+        ]
+        entities = [{"name": n, "type": "thing"} for n in names]
+        return _call("Entities", {"entities": entities, "relations": relations})
+
     def _route(self, messages: list[BaseMessage], tool: dict[str, Any]) -> AIMessage:
         targets = _enum_at(tool, "to") or ["finish"]
         workers = [t for t in targets if t != "finish"]
@@ -237,6 +255,12 @@ def _instruction(team: str, task: str) -> str:
     }
     return f"{verbs.get(team, 'Work on')}: {_digest(task, 200)}"
 
+
+_NAME = re.compile(r"\b[A-Z][\w&'-]+(?:[ \t]+[A-Z][\w&'-]+){0,3}")
+_NOT_NAMES = frozenset(
+    "A An The This That These Those It Its All Part Find Findings Compute Write Do Step Task "
+    "Summary Sources Your Reports From Results No Not Nothing Error".split()
+)
 
 _call_counter = 0
 _counter_lock = threading.Lock()

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.memory import bench_memory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -172,6 +174,7 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "startup": lambda a: bench_help(a.rounds * 2),
     "tracing_cost": lambda a: bench_tracing_cost(a.rounds, 100),
     "tracking_down": lambda a: bench_tracking_down(a.rounds),
+    "memory": lambda a: bench_memory(a.rounds),
 }
 
 
@@ -198,9 +201,38 @@ def markdown(results: dict[str, Any]) -> str:
             f"({d['server_down_s']:.2f} s vs {d['normal_s']:.2f} s) | {d['goal']} | "
             f"{'yes' if d['met'] else 'no'} |"
         )
+    if "memory" in b:
+        lines += _memory_rows(b["memory"])
     lines.append("")
     lines.append(f"Measured {results['when']} on {results['machine']}.")
     return "\n".join(lines) + "\n"
+
+
+def _memory_rows(m: dict[str, Any]) -> list[str]:
+    def met(entry: dict[str, Any]) -> str:
+        return "yes" if entry["met"] else "no"
+
+    r, i, v, g = m["recall"], m["ingest"], m["vector_query"], m["graph_two_hop"]
+    rows = [
+        f"| memory recall@5, 15 paraphrased questions over 30 documents | "
+        f"{r['found_in_top5']}/{r['questions']} | {r['goal']} | {met(r)} |",
+        f"| memory ingest vs the embedder alone ({i['chunks']} chunks) | {i['ratio']:.2f} "
+        f"({i['ingest_chunks_per_s']:.0f} vs {i['raw_chunks_per_s']:.0f} chunks/s) | "
+        f"{i['goal']} | {met(i)} |",
+    ]
+    for size, lat in v["chunks"].items():
+        rows.append(
+            f"| vector top-5 query at {int(size) // 1000}k chunks, embedding included | "
+            f"p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms | "
+            f"{v['goal'] if size == '100000' else 'report'} | "
+            f"{met(v) if size == '100000' else '-'} |"
+        )
+    rows.append(
+        f"| graph 2-hop query at {g['nodes'] // 1000}k entities, {g['edges'] // 1000}k relations "
+        f"| p50 {g['two_hop_p50_ms']:.2f} ms, p95 {g['two_hop_p95_ms']:.2f} ms | {g['goal']} | "
+        f"{met(g)} |"
+    )
+    return rows
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

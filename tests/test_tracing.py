@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import atlas
-from tests.conftest import check_snapshot
+from tests.conftest import check_snapshot, free_port
 
 # LangGraph's edge writers show up as anonymous chain spans whose names differ between sync and
 # async; they carry no decision, so the normalized tree leaves them out.
@@ -169,12 +169,6 @@ def test_async_span_tree_with_parallel_teams(
             )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def hung_server() -> Iterator[str]:
     """Accepts connections and never answers."""
@@ -213,7 +207,7 @@ def test_unreachable_tracking_server_falls_back_with_one_warning(
 ) -> None:
     import time
 
-    uri = f"http://127.0.0.1:{_free_port()}" if kind == "refused" else hung_server
+    uri = f"http://127.0.0.1:{free_port()}" if kind == "refused" else hung_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     events: list[dict[str, Any]] = []
     started = time.monotonic()

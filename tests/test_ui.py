@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import atlas
+from tests.conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -25,14 +26,6 @@ FLAGS = [
 ]
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_trace_of_a_dry_run_shows_coordination_spans_and_the_verdict(
@@ -48,7 +41,7 @@ def test_trace_of_a_dry_run_shows_coordination_spans_and_the_verdict(
     result = atlas.run(spec, model="scripted", state_dir_path=state_dir)
     assert result.trace_id
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "ui.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:

@@ -19,9 +19,10 @@ from langgraph.types import Send
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
-from atlas.graph.effects import Body, node
+from atlas.graph.effects import Body, Io, node
 from atlas.graph.events import emit
 from atlas.graph.judge import current_output, judge_body
+from atlas.graph.memory import store_output
 from atlas.graph.planner import plan_body
 from atlas.graph.state import RunState
 from atlas.graph.team import build_team
@@ -129,6 +130,7 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
             pass
     output = current_output(state, ctx)
     path = write_output(ctx.spec.output_path, output)
+    yield Io(store_output, (ctx, output, str(path)))
     plan_file = ctx.run_dir / "plan.json"
     plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
     run = totals(state.get("usage"))
@@ -142,7 +144,6 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
         }
     )
     return {"status": status, "output_path": str(path), "stop_reason": stop}
-    yield
 
 
 def write_output(path: Path, text: str) -> Path:

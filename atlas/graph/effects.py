@@ -1,6 +1,6 @@
 """Model and tool calls as effects, so each node is written once and runs sync or async.
 
-A node body is a generator: it yields `ModelCall` and `ToolRun` effects and receives their
+A node body is a generator: it yields `ModelCall`, `ToolRun` and `Io` effects and receives their
 results. `node()` wraps it into a LangGraph node with a real sync path (`invoke`) and a real async
 path (`ainvoke`: model calls awaited, sync tools sent to a thread). Budget checks, usage accounting
 and the per-call attributes on traces happen here, in one place.
@@ -60,7 +60,17 @@ class ToolRun:
     args: dict[str, Any]
 
 
-Effect = ModelCall | ToolRun
+@dataclass
+class Io:
+    """A blocking call (a memory read or write): inline on the sync path, in a worker thread on
+    the async path so parallel runs in one event loop keep going."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = ModelCall | ToolRun | Io
 Body = Generator[Effect, Any, Any]
 
 
@@ -227,6 +237,8 @@ def _drive(body: Body, ctx: RunContext, config: RunnableConfig | None) -> Any:
         try:
             if isinstance(effect, ModelCall):
                 value = run_model(ctx, effect, config)
+            elif isinstance(effect, Io):
+                value = effect.fn(*effect.args, **effect.kwargs)
             else:
                 value = effect.tool.invoke(effect.args, config=_tool_config(config))
         except (ModelConfigError, KeyboardInterrupt):
@@ -247,6 +259,8 @@ async def _adrive(body: Body, ctx: RunContext, config: RunnableConfig | None) ->
         try:
             if isinstance(effect, ModelCall):
                 value = await arun_model(ctx, effect, config)
+            elif isinstance(effect, Io):
+                value = await asyncio.to_thread(effect.fn, *effect.args, **effect.kwargs)
             else:
                 value = await effect.tool.ainvoke(effect.args, config=_tool_config(config))
         except ModelConfigError:

@@ -21,10 +21,12 @@ class Limits:
     """Characters of one tool result shown to the model."""
     judged: int
     """Characters of the output shown to the judge."""
+    recalled: int
+    """Characters of each passage recalled from memory for a worker."""
 
 
-FULL = Limits(context_per_step=2500, report=1500, tool_output=4000, judged=12000)
-COMPACT = Limits(context_per_step=500, report=400, tool_output=900, judged=2500)
+FULL = Limits(context_per_step=2500, report=1500, tool_output=4000, judged=12000, recalled=600)
+COMPACT = Limits(context_per_step=500, report=400, tool_output=900, judged=2500, recalled=160)
 
 
 def limits_for(ctx: RunContext, role: str) -> Limits:

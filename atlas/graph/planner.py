@@ -14,9 +14,10 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
-from atlas.graph.effects import Body, CallResult, ModelCall
+from atlas.graph.effects import Body, CallResult, Io, ModelCall
 from atlas.graph.events import emit
 from atlas.graph.limits import COMPACT, limits_for
+from atlas.graph.memory import prelude
 from atlas.graph.state import plan_schema
 from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
@@ -115,7 +116,9 @@ def repair_plan(
     return steps, notes
 
 
-def planner_messages(state: dict[str, Any], ctx: RunContext) -> list[Any]:
+def planner_messages(
+    state: dict[str, Any], ctx: RunContext, memory: dict[str, list[str]] | None = None
+) -> list[Any]:
     spec = ctx.spec
     iteration = int(state.get("iteration", 0)) + 1
     lines = [f"Task: {spec.task.strip()}", ""]
@@ -133,6 +136,11 @@ def planner_messages(state: dict[str, Any], ctx: RunContext) -> list[Any]:
         lines.append(
             f"Data files available to analysis: {', '.join(p.name for p in spec.data_paths)}"
         )
+    if memory and (memory.get("recalled") or memory.get("graph")):
+        size = 160 if limits_for(ctx, "planner") is COMPACT else 400
+        lines.append("\nFrom memory:")
+        lines += [f"- {_clip(line, size)}" for line in memory.get("recalled", [])]
+        lines += [f"- {_clip(line, size)}" for line in memory.get("graph", [])]
     lines.append(f"\nIteration: {iteration}")
     verdicts = state.get("verdicts") or []
     if verdicts:
@@ -168,6 +176,7 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
             reason = "budget exhausted: max_steps"
             ctx.tracer.event("budget_stop", {"limit": "max_steps"})
             return {"iteration": iteration, "plan": [], "stop_reason": reason}
+        memory = (yield Io(prelude, (ctx,))) if iteration == 1 else None
         compact = limits_for(ctx, "planner") is COMPACT
         # A small model plans one step per team; a larger one may split work further.
         schema = plan_schema(list(spec.teams), len(spec.teams) if compact else 12)
@@ -176,7 +185,7 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
         try:
             result: CallResult = yield ModelCall(
                 role="planner",
-                messages=planner_messages(state, ctx),
+                messages=planner_messages(state, ctx, memory),
                 schema=schema,
                 run_name="planner",
                 max_tokens=120 * len(spec.teams) + 80,

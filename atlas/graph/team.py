@@ -22,10 +22,12 @@ from pydantic import Field, create_model
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
-from atlas.graph.effects import Body, CallResult, ModelCall, ToolRun, node
+from atlas.graph.effects import Body, CallResult, Io, ModelCall, ToolRun, node
 from atlas.graph.events import emit
 from atlas.graph.limits import Limits, clip, limits_for
+from atlas.graph.memory import recall, store_entities, store_finding
 from atlas.graph.state import StepResult, TeamInput, TeamOutput, TeamState
+from atlas.memory.entities import EXTRACT_PROMPT, Entities
 from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
 from atlas.registry import TeamDef, WorkerDef
@@ -196,7 +198,7 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
     def body(state: dict[str, Any], ctx: RunContext) -> Body:
         step = state["step"]
         persona = ctx.registry.persona(worker.persona)
-        tools = make_tools(worker.tools, ctx.workspace)
+        tools = make_tools(worker.tools, ctx.workspace, ctx.tracer)
         by_name = {t.name: t for t in tools}
         max_calls = ctx.spec.budget.max_tool_calls
         limits = limits_for(ctx, f"team:{team.name}")
@@ -235,6 +237,15 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                 "atlas.tools": worker.tools,
             },
         ) as span:
+            recalled = yield Io(
+                recall,
+                (ctx, state.get("assignment") or step["instruction"]),
+                {"name": f"memory.recall:{worker.name}"},
+            )
+            if recalled:
+                memory_lines = ["From memory (earlier runs; cite the id in brackets):"]
+                memory_lines += [clip(line, limits.recalled) for line in recalled]
+                messages[1] = HumanMessage(f"{messages[1].content}\n\n" + "\n".join(memory_lines))
             while True:
                 allow_tools = bool(tools) and calls_made < max_calls and not note
                 try:
@@ -336,6 +347,10 @@ def report_body(team: TeamDef) -> Any:
             "status": status,
             "note": state.get("note", ""),
         }
+        usage: Usage = {}
+        record = yield Io(store_finding, (ctx, result))
+        if record is not None and ctx.spec.memory.extract_entities and not stop:
+            usage = yield from _extract_entities(ctx, team, output, record)
         emit(
             {
                 "event": "step_done",
@@ -346,10 +361,29 @@ def report_body(team: TeamDef) -> Any:
                 "note": result["note"],
             }
         )
-        return {"results": {step["id"]: result}}
-        yield  # a generator body that makes no calls
+        return {"results": {step["id"]: result}, "usage": usage}
 
     return body
+
+
+def _extract_entities(ctx: RunContext, team: TeamDef, text: str, record: Any) -> Body:
+    """One structured call: the entities and relations in a finding, merged into graph memory."""
+    size = 1500 if ctx.models.provider("memory") == "local" else 6000
+    try:
+        result: CallResult = yield ModelCall(
+            role="memory",
+            team=team.name,
+            messages=[SystemMessage(EXTRACT_PROMPT), HumanMessage(clip(text, size))],
+            schema=Entities,
+            run_name="memory:extract",
+            max_tokens=300,
+        )
+    except (BudgetExhausted, ProviderError) as exc:
+        ctx.tracer.event("memory_skipped", {"finding": record.id, "reason": str(exc)[:200]})
+        return {}
+    if isinstance(result.parsed, Entities):
+        yield Io(store_entities, (ctx, result.parsed, record))
+    return result.usage
 
 
 def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:

@@ -134,6 +134,8 @@ class ModelRoles:
 
     def describe(self) -> dict[str, str]:
         roles = ["planner", "judge", "supervisor", *(f"team:{t}" for t in self.spec.teams)]
+        if self.spec.memory.enabled and self.spec.memory.extract_entities:
+            roles.append("memory")
         return {role: self.label(role) for role in roles}
 
 

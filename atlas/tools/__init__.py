@@ -6,39 +6,46 @@ tool. Tool errors (bad SQL, unknown source) go back to the model as text, not up
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.tools import BaseTool, StructuredTool
 
-from atlas.errors import SpecError, ToolError
+from atlas.errors import MemoryStoreError, SpecError, ToolError
 from atlas.tools.data import DataSource
 from atlas.tools.documents import DocumentIndex
 from atlas.tools.drafts import DraftStore
 
 if TYPE_CHECKING:
+    from atlas.memory import Memory
     from atlas.spec import TaskSpec
+    from atlas.tracing import Tracer
 
 MAX_TOOL_OUTPUT = 4000
 
 
 @dataclass
 class Workspace:
-    """What a run's tools can see: its documents, its data and its drafts."""
+    """What a run's tools can see: its documents, its data, its drafts and memory."""
 
     documents: DocumentIndex
     data: DataSource
     drafts: DraftStore
+    memory: Memory | None = None
+    tracer: Tracer | None = None
+    """Memory tools record what they retrieved as RETRIEVER spans here (see `make_tools`)."""
 
     @classmethod
-    def for_spec(cls, spec: TaskSpec, run_dir: Path) -> Workspace:
+    def for_spec(cls, spec: TaskSpec, run_dir: Path, *, memory: Memory | None = None) -> Workspace:
         return cls(
             documents=DocumentIndex.from_paths(spec.document_paths, spec.root),
             data=DataSource(spec.data_paths),
             drafts=DraftStore(run_dir / "drafts"),
+            memory=memory,
         )
 
     def close(self) -> None:
@@ -58,7 +65,7 @@ def _guarded(fn: Callable[..., str]) -> Callable[..., str]:
     def run(*args: object, **kwargs: object) -> str:
         try:
             return _clip(fn(*args, **kwargs))
-        except ToolError as exc:
+        except (ToolError, MemoryStoreError) as exc:
             return f"error: {exc}"
 
     return run
@@ -122,6 +129,70 @@ def _read_draft(ws: Workspace) -> BaseTool:
     return StructuredTool.from_function(_guarded(read_draft))
 
 
+def _memory(ws: Workspace) -> Memory:
+    if ws.memory is None:
+        raise ToolError("memory is turned off for this task (memory.enabled: false)")
+    return ws.memory
+
+
+def _span(ws: Workspace, name: str, span_type: str, inputs: dict[str, object]) -> Any:
+    from atlas.tracing import NullTracer
+
+    return (ws.tracer or NullTracer()).span(name, span_type=span_type, inputs=inputs)
+
+
+def _search_memory(ws: Workspace) -> BaseTool:
+    def search_memory(query: str, k: int = 5) -> str:
+        """Search long-term memory: documents ingested earlier, findings and outputs of earlier
+        runs. Returns passages, each with the source id to cite."""
+        k = max(1, min(int(k), 10))
+        with _span(ws, "memory.search", "RETRIEVER", {"query": query, "k": k}) as span:
+            hits = _memory(ws).search([query], k)[0]
+            span.set_outputs(
+                [
+                    {"page_content": h.text[:1000], "metadata": {"source": h.source}, "id": h.id}
+                    for h in hits
+                ]
+            )
+        if not hits:
+            return "Nothing in memory matches."
+        return "\n\n".join(f"[{h.source}] ({h.kind}, score {h.score:.2f})\n{h.text}" for h in hits)
+
+    return StructuredTool.from_function(_guarded(search_memory))
+
+
+def _query_graph(ws: Workspace) -> BaseTool:
+    def query_graph(entity: str, other: str = "") -> str:
+        """Look up an entity in the knowledge graph: what it is related to (and where that was
+        found). With `other`, the paths that connect the two entities."""
+        memory = _memory(ws)
+        inputs: dict[str, object] = {"entity": entity, "other": other}
+        with _span(ws, "memory.graph", "RETRIEVER", inputs) as span:
+            if other.strip():
+                paths = memory.graph.paths(entity, other)
+                lines = [
+                    " ".join([steps[0][0]] + [f"-[{rel}]- {b}" for _, rel, b in steps])
+                    for steps in paths
+                ]
+                text = "\n".join(lines) or f"No path between {entity!r} and {other!r} in memory."
+            else:
+                info = memory.entity(entity)
+                if not info["known"]:
+                    text = f"{entity!r} is not in the knowledge graph."
+                else:
+                    lines = [
+                        f"{info['entity']} -[{r['relation']}]-> {r['other']} [{r['source']}]"
+                        if r["direction"] == "out"
+                        else f"{r['other']} -[{r['relation']}]-> {info['entity']} [{r['source']}]"
+                        for r in info["relations"]
+                    ]
+                    text = "\n".join(lines) or f"{info['entity']}: known, with no relations yet."
+            span.set_outputs(text)
+        return text
+
+    return StructuredTool.from_function(_guarded(query_graph))
+
+
 BUILTIN_TOOLS: dict[str, Callable[[Workspace], BaseTool]] = {
     "search_documents": _search_documents,
     "read_document": _read_document,
@@ -129,11 +200,15 @@ BUILTIN_TOOLS: dict[str, Callable[[Workspace], BaseTool]] = {
     "query_data": _query_data,
     "save_draft": _save_draft,
     "read_draft": _read_draft,
+    "search_memory": _search_memory,
+    "query_graph": _query_graph,
 }
 
 
-def make_tools(names: list[str], ws: Workspace) -> list[BaseTool]:
-    """The tools named by a worker definition, bound to this run's workspace."""
+def make_tools(names: list[str], ws: Workspace, tracer: Tracer | None = None) -> list[BaseTool]:
+    """The tools named by a worker definition, bound to this run's workspace (and tracer)."""
+    if tracer is not None:
+        ws = dataclasses.replace(ws, tracer=tracer)
     factories = BUILTIN_TOOLS
     tools = []
     for name in names:

@@ -1,0 +1,79 @@
+"""Entities and relations extracted from findings, and the name normalisation that merges them.
+
+Extraction is one structured-output model call per finding (the `Entities` schema, forced as a
+tool call, grammar-constrained on the local server). `normalize()` makes "The ACME Corp.",
+"acme corp" and "ACME  Corp" one entity, across runs and across backends.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from pydantic import BaseModel, Field
+
+_ARTICLE = re.compile(r"^(the|a|an)\s+")
+_EDGE = re.compile(r"^[\W_]+|[\W_]+$")
+_SPACE = re.compile(r"\s+")
+MAX_NAME = 120
+
+
+class Entity(BaseModel):
+    name: str = Field(description="The entity as written, e.g. 'Northwind Bikes'")
+    type: str = Field("", description="person, organisation, place, product, concept, ...")
+
+
+class Relation(BaseModel):
+    source: str = Field(description="Name of the first entity")
+    relation: str = Field(description="A short verb phrase, e.g. 'supplies', 'is located in'")
+    target: str = Field(description="Name of the second entity")
+
+
+class Entities(BaseModel):
+    """The named entities a text mentions and the relations it states between them."""
+
+    entities: list[Entity] = Field(default_factory=list, max_length=20)
+    relations: list[Relation] = Field(default_factory=list, max_length=20)
+
+
+Extraction = Entities
+
+
+def normalize(name: str) -> str:
+    """The merge key of an entity name: Unicode-folded, lower case, no leading article, no
+    punctuation at the ends, single spaces. Empty if nothing is left."""
+    text = unicodedata.normalize("NFKC", str(name)).casefold()
+    text = _SPACE.sub(" ", text).strip()
+    text = _EDGE.sub("", text)
+    text = _ARTICLE.sub("", text)
+    return _EDGE.sub("", text)[:MAX_NAME]
+
+
+def candidate_names(text: str, max_words: int = 3) -> list[str]:
+    """Every run of 1 to `max_words` words in `text`, normalised: the names to look up in the
+    graph when the planner wants context for a task."""
+    words = re.findall(r"[\w][\w'&.-]*", unicodedata.normalize("NFKC", text))
+    out: dict[str, None] = {}
+    for size in range(1, max_words + 1):
+        for i in range(len(words) - size + 1):
+            key = normalize(" ".join(words[i : i + size]))
+            if len(key) > 2:
+                out[key] = None
+    return list(out)
+
+
+EXTRACT_PROMPT = (
+    "List the named entities (organisations, people, places, products, policies, figures with "
+    "their subject) in the text below, and the relations the text states between them. Use the "
+    "names exactly as written. Only include what the text says."
+)
+
+__all__ = [
+    "EXTRACT_PROMPT",
+    "Entities",
+    "Entity",
+    "Extraction",
+    "Relation",
+    "candidate_names",
+    "normalize",
+]

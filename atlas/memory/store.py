@@ -1,0 +1,237 @@
+"""`Memory`: the vector and graph stores of one memory directory (or servers), joined.
+
+`Memory` joins the two over one directory (default `<state dir>/memory`: `chroma/` and
+`graph.lbdb`) or over servers (`memory.vector_url`, `memory.graph_uri`). What is stored, each
+with its provenance (run, step, team, source path, chunk position):
+
+- the task's documents, chunked as the document tools chunk them (`doc:` records);
+- each team step's findings (`finding:` records), and the entities and relations in them;
+- the final output (`output:` records).
+
+Stores open lazily, so a run that never touches memory pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from atlas.memory.embeddings import Embedder, get_embedder
+from atlas.memory.entities import Entities, candidate_names, normalize
+from atlas.memory.graph import GraphMemory, Provenance
+from atlas.memory.vector import Hit, Record, VectorMemory
+
+if TYPE_CHECKING:
+    from atlas.spec import TaskSpec
+
+GRAPH_FILE = "graph.lbdb"
+VECTOR_DIR = "chroma"
+
+
+def document_records(path: Path, *, source_path: str) -> list[Record]:
+    """A text file's chunks as records; `source_path` is how citations name the file."""
+    from atlas.tools.documents import chunk_text
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    return [
+        Record(
+            id=f"doc:{key}:{pos}",
+            text=piece,
+            kind="document",
+            source=f"{source_path}#{pos}",
+            path=str(path.resolve()),
+            position=pos,
+        )
+        for pos, piece in enumerate(chunk_text(text), start=1)
+    ]
+
+
+def finding_records(
+    *, run_id: str, step_id: str, team: str, iteration: int, text: str
+) -> list[Record]:
+    """A step's result, chunked; ids `finding:<run>:<step>:<iteration>#<n>`."""
+    from atlas.tools.documents import chunk_text
+
+    base = f"finding:{run_id}:{step_id}:{iteration}"
+    return [
+        Record(
+            id=f"{base}#{pos}",
+            text=piece,
+            kind="finding",
+            source=f"{run_id}/{step_id}",
+            run_id=run_id,
+            step_id=step_id,
+            team=team,
+            position=pos,
+        )
+        for pos, piece in enumerate(chunk_text(text), start=1)
+    ]
+
+
+def output_records(*, run_id: str, path: str, text: str) -> list[Record]:
+    """The final output, chunked; ids `output:<run>#<n>`."""
+    from atlas.tools.documents import chunk_text
+
+    return [
+        Record(
+            id=f"output:{run_id}#{pos}",
+            text=piece,
+            kind="output",
+            source=path,
+            run_id=run_id,
+            path=path,
+            position=pos,
+        )
+        for pos, piece in enumerate(chunk_text(text), start=1)
+    ]
+
+
+class Memory:
+    """The vector and graph stores of one memory directory (or servers). Thread-safe."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        vector_url: str | None = None,
+        graph_uri: str | None = None,
+        embedder: str | Embedder = "local",
+    ) -> None:
+        self.directory = directory
+        self._embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
+        self.vector = VectorMemory(
+            self._embedder, path=None if vector_url else directory / VECTOR_DIR, url=vector_url
+        )
+        self.graph = GraphMemory(path=None if graph_uri else directory / GRAPH_FILE, uri=graph_uri)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_spec(cls, spec: TaskSpec, state_dir: Path) -> Memory:
+        settings = spec.memory
+        directory = (spec.root / settings.dir) if settings.dir else state_dir / "memory"
+        return cls(
+            directory.resolve(),
+            vector_url=settings.vector_url,
+            graph_uri=settings.graph_uri,
+            embedder=settings.embedder,
+        )
+
+    def open(self) -> None:
+        """Open both stores now (they otherwise open on first use); raises MemoryStoreError."""
+        _ = self.vector.collection
+        _ = self.graph.backend
+
+    # -- writing ---------------------------------------------------------------------------------
+    def ingest(self, paths: Iterable[Path], root: Path | None = None) -> dict[str, int]:
+        """Chunk, embed and store text files; unchanged chunks are skipped.
+
+        Returns counts: files, chunks, written (new or changed), removed (stale chunks of files
+        that got shorter).
+        """
+        from atlas.tools.documents import TEXT_SUFFIXES
+
+        files = [p for p in paths if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()]
+        records: list[Record] = []
+        for path in files:
+            records += document_records(path, source_path=_display(path, root))
+        written = self.vector.upsert(records)
+        removed = 0
+        per_file = {str(p.resolve()): 0 for p in files}
+        for r in records:
+            per_file[r.path] = max(per_file[r.path], r.position)
+        for name, last in per_file.items():
+            removed += self._drop_after(name, last)
+        return {"files": len(files), "chunks": len(records), "written": written, "removed": removed}
+
+    def _drop_after(self, path: str, last: int) -> int:
+        col = self.vector.collection
+        stale = col.get(
+            where={"$and": [{"path": path}, {"position": {"$gt": last}}, {"kind": "document"}]},
+            include=[],
+        )["ids"]
+        if stale:
+            col.delete(ids=stale)
+        return len(stale)
+
+    def remember(self, records: Sequence[Record]) -> int:
+        """Store a finding's or an output's chunks; returns how many were new or changed."""
+        return self.vector.upsert(records)
+
+    def remember_entities(self, extraction: Entities, record: Record) -> tuple[int, int]:
+        """Merge entities into the graph, with `record` (any chunk of the finding) as provenance."""
+        return self.graph.add(
+            extraction,
+            Provenance(
+                finding=record.id.split("#")[0],
+                run_id=record.run_id,
+                step_id=record.step_id,
+                team=record.team,
+                source=record.source,
+                kind=record.kind,
+            ),
+        )
+
+    # -- reading ---------------------------------------------------------------------------------
+    def search(
+        self,
+        queries: Sequence[str],
+        k: int = 5,
+        *,
+        kinds: Iterable[str] | None = None,
+        exclude_run: str | None = None,
+    ) -> list[list[Hit]]:
+        return self.vector.search(queries, k, kinds=kinds, exclude_run=exclude_run)
+
+    def graph_context(self, text: str, *, max_entities: int = 5, per_entity: int = 4) -> list[str]:
+        """Short lines on the entities of `text` that the graph knows: what they relate to."""
+        known = self.graph.find(candidate_names(text))
+        lines: dict[str, str] = {}
+        # Longer names first: "northwind bikes" says more than "bikes".
+        for entity in sorted(known, key=lambda e: -len(e["name"]))[:max_entities]:
+            shown = 0
+            for n in self.graph.neighbours(entity["name"], limit=4 * per_entity):
+                rel = n["relation"]
+                arrow = f"-[{rel}]->" if n["direction"] == "out" else f"<-[{rel}]-"
+                fact = f"{entity['label']} {arrow} {n['other']}"
+                if fact not in lines and shown < per_entity:
+                    lines[fact] = f"{fact} (from {n['source']})"
+                    shown += 1
+        return list(lines.values())
+
+    def entity(self, name: str, *, limit: int = 25) -> dict[str, Any]:
+        """An entity's neighbours and the findings that mention it."""
+        key = normalize(name)
+        found = self.graph.find([name])
+        return {
+            "entity": found[0]["label"] if found else name,
+            "key": key,
+            "known": bool(found),
+            "relations": self.graph.neighbours(name, limit=limit) if found else [],
+            "mentioned_in": self.graph.mentions(name, limit=limit) if found else [],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"vector": self.vector.stats(), "graph": self.graph.stats()}
+
+    def clear(self) -> dict[str, int]:
+        return {"passages": self.vector.clear(), "entities": self.graph.clear()}
+
+    def close(self) -> None:
+        self.graph.close()
+
+
+def _display(path: Path, root: Path | None) -> str:
+    """How citations name a file: relative to the task's folder, else its name (as the document
+    tools name it); from the CLI (no root), relative to the working directory, else absolute."""
+    base = (root or Path.cwd()).resolve()
+    try:
+        return str(path.resolve().relative_to(base))
+    except ValueError:
+        return path.name if root is not None else str(path.resolve())
+
+
+__all__ = ["Memory", "document_records", "finding_records", "output_records"]

@@ -1,0 +1,277 @@
+"""Vector memory on Chroma: passages with provenance, searched by meaning.
+
+Embedded `PersistentClient` under the memory directory by default; `HttpClient` when a Chroma
+server URL is configured. ATLAS embeds texts itself (see `embeddings.py`) and gives Chroma the
+vectors, so Chroma never tries to download its default model.
+
+Every record has a deterministic id (`doc:<path>#<n>`, `finding:<run>:<step>:<iteration>`,
+`output:<run>`), so writing the same thing twice (a resumed run, a re-ingested folder) updates it
+instead of duplicating it, and unchanged texts are not embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from atlas.errors import MemoryStoreError
+from atlas.memory.embeddings import Embedder
+
+COLLECTION = "atlas_memory"
+KINDS = ("document", "finding", "output")
+_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored passage and where it came from."""
+
+    id: str
+    text: str
+    kind: str
+    """`document` (a chunk of an input file), `finding` (a team step's result) or `output`."""
+    source: str
+    """What a worker cites: `path#n` for a document chunk, `run/step` for a finding."""
+    run_id: str = ""
+    step_id: str = ""
+    team: str = ""
+    path: str = ""
+    position: int = 0
+
+    def metadata(self) -> dict[str, str | int]:
+        meta = {k: v for k, v in asdict(self).items() if k not in ("id", "text")}
+        meta["sha"] = _sha(self.text)
+        return meta
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    text: str
+    source: str
+    score: float
+    """Cosine similarity, 1 is identical."""
+    kind: str
+    metadata: dict[str, Any]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _settings() -> Any:
+    from chromadb.config import Settings
+
+    return Settings(anonymized_telemetry=False, allow_reset=False)
+
+
+class VectorMemory:
+    """One Chroma collection of passages. Safe to share between a run's threads."""
+
+    def __init__(self, embedder: Embedder, *, path: Path | None = None, url: str | None = None):
+        if path is None and url is None:
+            raise ValueError("VectorMemory needs a path or a url")
+        self.embedder = embedder
+        self.path = path
+        self.url = url
+        self._collection: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return safe_url(self.url) if self.url else str(self.path)
+
+    # -- opening -------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        import chromadb
+
+        if self.url:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise MemoryStoreError(f"memory.vector_url {self.where!r} is not an http(s) URL")
+            try:
+                client = chromadb.HttpClient(
+                    host=parts.hostname,
+                    port=parts.port or (443 if parts.scheme == "https" else 8000),
+                    ssl=parts.scheme == "https",
+                    settings=_settings(),
+                )
+                client.heartbeat()
+            except Exception as exc:
+                raise MemoryStoreError(
+                    f"cannot reach the Chroma server at {self.where}: {_first_line(exc)}"
+                ) from None
+            return client
+        assert self.path is not None
+        if self.path.exists() and not self.path.is_dir():
+            raise MemoryStoreError(f"vector store {self.path} is a file, not a directory")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return chromadb.PersistentClient(path=str(self.path), settings=_settings())
+        except Exception as exc:
+            raise MemoryStoreError(
+                f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
+                f"{_first_line(exc)}"
+            ) from None
+
+    @property
+    def collection(self) -> Any:
+        with self._lock:
+            if self._collection is None:
+                client = self._client()
+                try:
+                    col = client.get_or_create_collection(
+                        COLLECTION,
+                        embedding_function=None,
+                        metadata={"hnsw:space": "cosine", "atlas_embedder": self.embedder.name},
+                    )
+                except Exception as exc:
+                    raise MemoryStoreError(
+                        f"vector store {self.where} cannot be read: {_first_line(exc)}"
+                    ) from None
+                built_with = (col.metadata or {}).get("atlas_embedder")
+                if built_with and built_with != self.embedder.name:
+                    raise MemoryStoreError(
+                        f"vector store {self.where} was built with embedder {built_with}, "
+                        f"not {self.embedder.name}: configure the same embedder or another store"
+                    )
+                self._collection = col
+            return self._collection
+
+    # -- writing -------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[Record]) -> int:
+        """Store records; returns how many were new or changed (and so embedded and written).
+
+        Embedding the next batch overlaps with Chroma writing the previous one.
+        """
+        col = self.collection
+        unique = list({r.id: r for r in records}.values())
+        written = 0
+        pending: Future[None] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-chroma") as pool:
+            for start in range(0, len(unique), _BATCH):
+                batch = self._changed(col, unique[start : start + _BATCH])
+                if not batch:
+                    continue
+                vectors = self.embedder.embed([r.text for r in batch])
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(
+                    col.upsert,
+                    ids=[r.id for r in batch],
+                    embeddings=vectors,
+                    documents=[r.text for r in batch],
+                    metadatas=[r.metadata() for r in batch],
+                )
+                written += len(batch)
+            if pending is not None:
+                pending.result()
+        return written
+
+    @staticmethod
+    def _changed(col: Any, batch: list[Record]) -> list[Record]:
+        found = col.get(ids=[r.id for r in batch], include=["metadatas"])
+        known = {
+            i: (m or {}).get("sha") for i, m in zip(found["ids"], found["metadatas"], strict=True)
+        }
+        return [r for r in batch if known.get(r.id) != _sha(r.text)]
+
+    # -- reading -------------------------------------------------------------------------------
+    def search(
+        self,
+        queries: Sequence[str],
+        k: int = 5,
+        *,
+        kinds: Iterable[str] | None = None,
+        exclude_run: str | None = None,
+    ) -> list[list[Hit]]:
+        """The `k` closest passages for each query, best first."""
+        if not queries:
+            return []
+        col = self.collection
+        if col.count() == 0:
+            return [[] for _ in queries]
+        filters: list[dict[str, Any]] = []
+        if kinds is not None:
+            filters.append({"kind": {"$in": list(kinds)}})
+        if exclude_run:
+            filters.append({"run_id": {"$ne": exclude_run}})
+        where: dict[str, Any] | None = (
+            None if not filters else filters[0] if len(filters) == 1 else {"$and": filters}
+        )
+        vectors = self.embedder.embed(list(queries))
+        res = col.query(
+            query_embeddings=vectors,
+            n_results=max(1, k),
+            where=where,
+            include=["documents", "metadatas", "distances"],
+        )
+        out: list[list[Hit]] = []
+        for ids, docs, metas, dists in zip(
+            res["ids"], res["documents"], res["metadatas"], res["distances"], strict=True
+        ):
+            out.append(
+                [
+                    Hit(
+                        id=i,
+                        text=d or "",
+                        source=str((m or {}).get("source", i)),
+                        score=round(1.0 - float(dist), 4),
+                        kind=str((m or {}).get("kind", "")),
+                        metadata=dict(m or {}),
+                    )
+                    for i, d, m, dist in zip(ids, docs, metas, dists, strict=True)
+                ]
+            )
+        return out
+
+    def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found = self.collection.get(ids=list(ids), include=["metadatas"])
+        return {i: dict(m or {}) for i, m in zip(found["ids"], found["metadatas"], strict=True)}
+
+    def count(self, kind: str | None = None) -> int:
+        col = self.collection
+        if kind is None:
+            return int(col.count())
+        return len(col.get(where={"kind": kind}, include=[])["ids"])
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "store": self.where,
+            "embedder": self.embedder.name,
+            "passages": self.count(),
+            **{f"{kind}s": self.count(kind) for kind in KINDS},
+        }
+
+    def clear(self) -> int:
+        """Delete every passage; returns how many there were."""
+        col = self.collection
+        n = int(col.count())
+        while True:
+            ids = col.get(limit=5000, include=[])["ids"]
+            if not ids:
+                break
+            col.delete(ids=ids)
+        return n
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+__all__ = ["COLLECTION", "KINDS", "Hit", "Record", "VectorMemory", "safe_url"]
