@@ -204,7 +204,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "memory" in b:
         lines += _memory_rows(b["memory"])
     lines.append("")
-    lines.append(f"Measured {results['when']} on {results['machine']}.")
+    dates = sorted({str(entry.get("when") or results["when"]) for entry in b.values()})
+    lines.append(f"Measured {' and '.join(dates)} on {results['machine']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -267,15 +268,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(args.worker == "traced", args.runs, args.latency_ms)))
         return 0
     chosen = args.only or list(BENCHES)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "when": when,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         "benchmarks": {},
     }
+    previous = HERE / "results.json"
+    if args.only and previous.exists():
+        # A partial run keeps the other benchmarks' last results (each says when it ran).
+        old = json.loads(previous.read_text())
+        for name, entry in old.get("benchmarks", {}).items():
+            entry.setdefault("when", old.get("when"))
+            results["benchmarks"][name] = entry
     for name in chosen:
         print(f"==> {name}", flush=True)
-        results["benchmarks"][name] = BENCHES[name](args)
+        results["benchmarks"][name] = {**BENCHES[name](args), "when": when}
         print(json.dumps(results["benchmarks"][name], indent=2), flush=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))

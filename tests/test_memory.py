@@ -260,3 +260,17 @@ def test_memory_can_be_turned_off(make_spec: Any, state_dir: Path) -> None:
     result = run(make_spec(memory={"enabled": False}), model="scripted", state_dir_path=state_dir)
     assert result.status == "passed"
     assert not (state_dir / "memory").exists()
+
+
+def test_extraction_keeps_only_names_found_in_the_finding() -> None:
+    """A small model copies names from the prompt or answers with sentences; neither reaches the
+    graph."""
+    from atlas.memory.entities import grounded
+
+    raw = _extraction(
+        ["Harbour Café", "Northwind Bikes", "The council approved a new plan for all the stations"],
+        [("Harbour Café", "sells", "oat milk"), ("Northwind Bikes", "supplies", "Harbour Café")],
+    )
+    kept = grounded(raw, "Sales at the harbour café rose; oat milk sold out in August.")
+    assert [e.name for e in kept.entities] == ["Harbour Café"]
+    assert [(r.source, r.target) for r in kept.relations] == [("Harbour Café", "oat milk")]

@@ -105,3 +105,31 @@ def test_kill_during_parallel_wave_then_resume_completes(tmp_path: Path) -> None
     full_run = 28
     assert len(before) + len(after) < full_run + len(before)  # less than starting over
     assert len(after) < full_run
+
+
+@pytest.mark.e2e
+def test_kill_during_memory_write_then_resume_duplicates_nothing(tmp_path: Path) -> None:
+    """Killed right after a step's entity extraction (its vector and graph writes in flight):
+    after resume, memory holds exactly what an uninterrupted run of the same task holds."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    killed.mkdir()
+    clean.mkdir()
+    log = killed / "calls.jsonl"
+    run_id = _start_and_kill(killed, log, lambda calls: any(c["role"] == "memory" for c in calls))
+    proc = atlas_cli("resume", run_id, "--json", cwd=killed)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    uninterrupted = atlas_cli(
+        "run", str(killed / "task.yaml"), "--model", "scripted", "--json", cwd=clean
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    def stats(where: Path) -> dict:
+        out = atlas_cli("memory", "stats", "--json", cwd=where)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        return {
+            **{f"vector.{k}": data["vector"][k] for k in ("documents", "findings", "outputs")},
+            **{f"graph.{k}": data["graph"][k] for k in ("entities", "relations", "findings")},
+        }
+
+    assert stats(killed) == stats(clean)

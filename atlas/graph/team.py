@@ -27,7 +27,7 @@ from atlas.graph.events import emit
 from atlas.graph.limits import Limits, clip, limits_for
 from atlas.graph.memory import recall, store_entities, store_finding
 from atlas.graph.state import StepResult, TeamInput, TeamOutput, TeamState
-from atlas.memory.entities import EXTRACT_PROMPT, Entities
+from atlas.memory.entities import EXTRACT_PROMPT, Entities, grounded
 from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
 from atlas.registry import TeamDef, WorkerDef
@@ -382,7 +382,9 @@ def _extract_entities(ctx: RunContext, team: TeamDef, text: str, record: Any) ->
         ctx.tracer.event("memory_skipped", {"finding": record.id, "reason": str(exc)[:200]})
         return {}
     if isinstance(result.parsed, Entities):
-        yield Io(store_entities, (ctx, result.parsed, record))
+        kept = grounded(result.parsed, text)
+        if kept.entities:
+            yield Io(store_entities, (ctx, kept, record))
     return result.usage
 
 

@@ -19,13 +19,13 @@ MAX_NAME = 120
 
 
 class Entity(BaseModel):
-    name: str = Field(description="The entity as written, e.g. 'Northwind Bikes'")
+    name: str = Field(description="The entity's name, copied from the text")
     type: str = Field("", description="person, organisation, place, product, concept, ...")
 
 
 class Relation(BaseModel):
     source: str = Field(description="Name of the first entity")
-    relation: str = Field(description="A short verb phrase, e.g. 'supplies', 'is located in'")
+    relation: str = Field(description="A short verb phrase from the text")
     target: str = Field(description="Name of the second entity")
 
 
@@ -47,6 +47,28 @@ def normalize(name: str) -> str:
     text = _EDGE.sub("", text)
     text = _ARTICLE.sub("", text)
     return _EDGE.sub("", text)[:MAX_NAME]
+
+
+MAX_NAME_WORDS = 6
+
+
+def grounded(extraction: Entities, text: str) -> Entities:
+    """Only what the text says: entities whose name occurs in it (a small model copies names
+    from the prompt or invents them) and that are names, not sentences; relations between
+    kept entities."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    haystack = " " + " ".join(re.findall(r"\w+", folded)) + " "
+
+    def ok(name: str) -> bool:
+        key = normalize(name)
+        words = re.findall(r"\w+", key)
+        return 0 < len(words) <= MAX_NAME_WORDS and f" {' '.join(words)} " in haystack
+
+    entities = [e for e in extraction.entities if ok(e.name)]
+    relations = [
+        r for r in extraction.relations if ok(r.source) and ok(r.target) and r.relation.strip()
+    ]
+    return Entities(entities=entities, relations=relations)
 
 
 def candidate_names(text: str, max_words: int = 3) -> list[str]:
@@ -75,5 +97,6 @@ __all__ = [
     "Extraction",
     "Relation",
     "candidate_names",
+    "grounded",
     "normalize",
 ]

@@ -203,8 +203,6 @@ class VectorMemory:
         if not queries:
             return []
         col = self.collection
-        if col.count() == 0:
-            return [[] for _ in queries]
         filters: list[dict[str, Any]] = []
         if kinds is not None:
             filters.append({"kind": {"$in": list(kinds)}})
