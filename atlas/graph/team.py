@@ -376,7 +376,7 @@ def _extract_entities(ctx: RunContext, team: TeamDef, text: str, record: Any) ->
             messages=[SystemMessage(EXTRACT_PROMPT), HumanMessage(clip(text, size))],
             schema=Entities,
             run_name="memory:extract",
-            max_tokens=300,
+            max_tokens=160,  # the local model's cap: it writes slowly on two cores
         )
     except (BudgetExhausted, ProviderError) as exc:
         ctx.tracer.event("memory_skipped", {"finding": record.id, "reason": str(exc)[:200]})
