@@ -103,7 +103,8 @@ def _fail(exc: BaseException) -> int:
 
         traceback.print_exception(exc)
     if isinstance(exc, AtlasError):
-        print(f"atlas: error: {exc}", file=sys.stderr)
+        # One line, whatever the input held (a newline or carriage return in a path or query).
+        print(f"atlas: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     text = " ".join(str(exc).split())[:300]
     print(f"atlas: error: {type(exc).__name__}: {text}", file=sys.stderr)

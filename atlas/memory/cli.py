@@ -75,6 +75,10 @@ def _open(args: argparse.Namespace, *, create: bool) -> Any:
     directory = Path(args.store) if args.store else state_dir(args.state_dir) / "memory"
     if args.vector_url and not args.vector_url.startswith(("http://", "https://")):
         raise MemoryInputError(f"--vector-url must be an http(s) URL, not {args.vector_url!r}")
+    from atlas.memory.graph import is_server_uri
+
+    if args.graph_uri and not is_server_uri(args.graph_uri):
+        raise MemoryInputError("--graph-uri must be a bolt:// or neo4j:// URI")
     graph_command = args.memory_command == "graph"
     local = not args.vector_url or (graph_command and not args.graph_uri)
     if local and not create and not directory.is_dir():
@@ -106,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
             memory.close()
 
 
+def _shown(path: str) -> str:
+    """A path as typed, quoted when it holds spaces or control characters."""
+    return path if path.isprintable() and " " not in path else repr(path)
+
+
 def _files(paths: list[str]) -> list[Path]:
     from atlas.tools.documents import TEXT_SUFFIXES
 
@@ -113,20 +122,20 @@ def _files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise MemoryInputError(f"no such file or folder: {raw}")
+            raise MemoryInputError(f"no such file or folder: {_shown(raw)}")
         if path.is_dir():
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
             )
             if not found:
                 kinds = ", ".join(sorted(TEXT_SUFFIXES))
-                raise MemoryInputError(f"no text files ({kinds}) under {raw}")
+                raise MemoryInputError(f"no text files ({kinds}) under {_shown(raw)}")
             files += found
         elif path.suffix.lower() in TEXT_SUFFIXES:
             files.append(path)
         else:
             raise MemoryInputError(
-                f"{raw}: not a text file (known: {', '.join(sorted(TEXT_SUFFIXES))})"
+                f"{_shown(raw)}: not a text file (known: {', '.join(sorted(TEXT_SUFFIXES))})"
             )
     return list(dict.fromkeys(files))
 
