@@ -372,11 +372,19 @@ async def arun(
 
 @contextlib.asynccontextmanager
 async def _async_checkpointer(directory: Path) -> Any:
+    import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     from atlas.runs import checkpoint_path
 
-    async with AsyncSqliteSaver.from_conn_string(str(checkpoint_path(directory))) as saver:
+    path = checkpoint_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # As the sync path (runs._connect): WAL and a busy timeout, so many runs in one process or
+    # several processes can checkpoint to one file without "database is locked".
+    async with aiosqlite.connect(str(path), timeout=30) as conn:
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA busy_timeout=30000")
+        saver = AsyncSqliteSaver(conn)
         await saver.setup()
         yield saver
 

@@ -9,6 +9,7 @@ The real `openai` and `anthropic` SDKs talk to it on 127.0.0.1. Answers come fro
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 import uuid
@@ -20,6 +21,9 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from atlas.testing import ScriptedModel
+
+
+ALL_FAULTS = ("429", "500", "timeout", "drop", "malformed", "truncate")
 
 
 @dataclass
@@ -42,10 +46,17 @@ class FakeProviders:
     fault_every: int = 0
     """When > 0, every n-th request gets the next fault of `fault_cycle`."""
     fault_cycle: tuple[str, ...] = ("429", "500", "timeout", "drop", "malformed")
+    fault_rate: float = 0.0
+    """When > 0, each request gets a fault with this probability, drawn from `ALL_FAULTS`."""
+    seed: int = 0
     requests: list[Recorded] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
+    _rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
 
     @property
     def url(self) -> str:
@@ -83,7 +94,18 @@ class FakeProviders:
                 return self.faults.popleft()
             if self.fault_every and self._count % self.fault_every == 0:
                 return self.fault_cycle[(self._count // self.fault_every) % len(self.fault_cycle)]
+            if self.fault_rate and self._rng.random() < self.fault_rate:
+                return self._rng.choice(ALL_FAULTS)
         return None
+
+    @property
+    def injected(self) -> dict[str, int]:
+        """How many of each fault were served."""
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            if r.fault:
+                counts[r.fault] = counts.get(r.fault, 0) + 1
+        return counts
 
     # -- dispatch ------------------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -119,6 +141,8 @@ class FakeProviders:
                 events = events[: max(1, len(events) // 2)]
             return _send_sse(h, events, done=api == "openai" and fault != "truncate")
         payload = _openai_body(body, message) if api == "openai" else _anthropic_body(body, message)
+        if fault == "truncate":  # the connection ends halfway through the announced body
+            return _send_truncated(h, json.dumps(payload).encode())
         return _send(h, 200, payload)
 
     def _answer(self, api: str, body: dict[str, Any]) -> AIMessage:
@@ -407,6 +431,20 @@ def _error(api: str, kind: str) -> dict[str, Any]:
         typ = "rate_limit_error" if kind == "rate_limit" else "api_error"
         return {"type": "error", "error": {"type": typ, "message": kind}}
     return {"error": {"message": kind, "type": kind, "param": None, "code": kind}}
+
+
+def _send_truncated(h: BaseHTTPRequestHandler, data: bytes) -> None:
+    h.close_connection = True
+    try:
+        h.send_response(200)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[: len(data) // 2])
+        h.wfile.flush()
+    except OSError:
+        pass
+    h.connection.close()
 
 
 def _send(

@@ -111,6 +111,8 @@ _LADYBUG_SCHEMA = (
     "finding STRING, run_id STRING, step_id STRING, source STRING)",
 )
 _BUFFER_POOL = 256 * 1024 * 1024
+_shared: dict[str, LadybugBackend] = {}
+_shared_lock = threading.Lock()
 _OPEN_WAIT_S = 30.0
 
 
@@ -133,6 +135,17 @@ class LadybugBackend:
         with self.write() as tx:
             for statement in _LADYBUG_SCHEMA:
                 tx.execute(statement)
+
+    @classmethod
+    def shared(cls, path: Path) -> LadybugBackend:
+        """One backend per database file per process: runs in one process share its lease and
+        its writer lock instead of opening the file twice."""
+        key = str(path.resolve())
+        with _shared_lock:
+            backend = _shared.get(key)
+            if backend is None:
+                backend = _shared[key] = cls(path)
+            return backend
 
     def _open(self) -> Any:
         import ladybug
@@ -340,7 +353,7 @@ class GraphMemory:
                     self._backend = Neo4jBackend(self._uri)
                 else:
                     assert self._path is not None
-                    self._backend = LadybugBackend(self._path)
+                    self._backend = LadybugBackend.shared(self._path)
             return self._backend
 
     @contextlib.contextmanager

@@ -11,9 +11,11 @@ instead of duplicating it, and unchanged texts are not embedded again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,14 +121,30 @@ class VectorMemory:
         assert self.path is not None
         if self.path.exists() and not self.path.is_dir():
             raise MemoryStoreError(f"vector store {self.path} is a file, not a directory")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            return chromadb.PersistentClient(path=str(self.path), settings=_settings())
-        except Exception as exc:
-            raise MemoryStoreError(
-                f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
-                f"{_first_line(exc)}"
-            ) from None
+        key = str(self.path.resolve())
+        # One client per store per process, created under a process-wide lock and a file lock:
+        # Chroma's first creation of a store races when several threads or processes do it at
+        # the same moment ("Could not connect to tenant default_tenant").
+        with _clients_lock:
+            if key in _clients:
+                return _clients[key]
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                with _file_lock(self.path / ".atlas-create.lock"):
+                    client = chromadb.PersistentClient(path=key, settings=_settings())
+                    client.get_or_create_collection(
+                        COLLECTION, embedding_function=None, metadata=self._metadata()
+                    )
+            except Exception as exc:
+                raise MemoryStoreError(
+                    f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
+                    f"{_first_line(exc)}"
+                ) from None
+            _clients[key] = client
+            return client
+
+    def _metadata(self) -> dict[str, str]:
+        return {"hnsw:space": "cosine", "atlas_embedder": self.embedder.name}
 
     @property
     def collection(self) -> Any:
@@ -135,9 +153,7 @@ class VectorMemory:
                 client = self._client()
                 try:
                     col = client.get_or_create_collection(
-                        COLLECTION,
-                        embedding_function=None,
-                        metadata={"hnsw:space": "cosine", "atlas_embedder": self.embedder.name},
+                        COLLECTION, embedding_function=None, metadata=self._metadata()
                     )
                 except Exception as exc:
                     raise MemoryStoreError(
@@ -265,6 +281,20 @@ class VectorMemory:
                 break
             col.delete(ids=ids)
         return n
+
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _first_line(exc: BaseException) -> str:

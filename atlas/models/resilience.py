@@ -10,6 +10,7 @@ event). The plan of attempts is a generator, so the sync and the async paths sha
 from __future__ import annotations
 
 import email.utils
+import json
 import random
 import time
 from collections.abc import Generator
@@ -48,6 +49,9 @@ def classify(exc: BaseException) -> Failure | None:
         return Failure(retryable, retry_after, f"HTTP {status}")
     if "Timeout" in name or "Connection" in name or "RemoteProtocol" in name:
         return Failure(True, None, name)
+    if isinstance(exc, json.JSONDecodeError):
+        # The SDKs let a body that is not JSON (a proxy's error page, a cut response) through.
+        return Failure(True, None, "malformed response")
     module = type(exc).__module__.split(".", 1)[0]
     if module in ("openai", "anthropic", "httpx", "httpcore"):
         return Failure(True, None, name)
