@@ -22,7 +22,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from atlas.testing import ScriptedModel
 
-
 ALL_FAULTS = ("429", "500", "timeout", "drop", "malformed", "truncate")
 
 
