@@ -290,18 +290,48 @@ class TaskSpec(_Strict):
 
 
 def _expand(spec: TaskSpec, patterns: list[str]) -> list[Path]:
+    return _matches(spec, patterns)[0]
+
+
+def _matches(spec: TaskSpec, patterns: list[str]) -> tuple[list[Path], list[Path]]:
+    """The files the patterns name, and the ones refused: files found by a glob or a folder
+    walk that are symlinks to somewhere outside the folder searched (a path named outright is
+    the user's choice and is kept)."""
     found: list[Path] = []
+    refused: list[Path] = []
     for pattern in patterns:
         full = str(spec.resolve(pattern))
-        matches = sorted(glob.glob(full, recursive=True)) if glob.has_magic(full) else [full]
-        for match in matches:
-            path = Path(match)
+        candidates: list[tuple[Path, Path | None]]
+        if glob.has_magic(full):
+            parts = Path(full).parts
+            first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            base = Path(*parts[:first_magic])
+            candidates = [(Path(m), base) for m in sorted(glob.glob(full, recursive=True))]
+        else:
+            candidates = [(Path(full), None)]
+        for path, searched in candidates:
+            walked: list[tuple[Path, Path | None]]
             if path.is_dir():
-                found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+                walked = [(p, path) for p in sorted(path.rglob("*")) if p.is_file()]
             elif path.is_file():
-                found.append(path)
+                walked = [(path, searched)]
+            else:
+                continue
+            for file, folder in walked:
+                if folder is not None and not _inside(file, folder):
+                    refused.append(file)
+                else:
+                    found.append(file)
     # keep order, drop duplicates
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), refused
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def json_schema() -> dict[str, Any]:
@@ -401,7 +431,15 @@ def check_inputs(spec: TaskSpec, *, source: str, known_teams: list[str] | None =
             )
     for kind, patterns in (("documents", spec.inputs.documents), ("data", spec.inputs.data)):
         for index, pattern in enumerate(patterns):
-            if not _expand(spec, [pattern]):
+            kept, refused = _matches(spec, [pattern])
+            if refused:
+                raise SpecError(
+                    f"{refused[0]} is a symlink to {refused[0].resolve()}, outside the folder "
+                    "searched; name the file directly if it is meant to be read",
+                    file=source,
+                    field=f"inputs.{kind}[{index}]",
+                )
+            if not kept:
                 raise SpecError(
                     f"no file matches {pattern!r} (looked in {spec.resolve(pattern).parent})",
                     file=source,
@@ -460,7 +498,11 @@ def _loc_str(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            # A key that would vanish or blur in a dotted path is shown quoted.
+            if not text or not text.isprintable() or any(c in text for c in ".[] :"):
+                text = repr(text)
+            out += ("." if out else "") + text
     return out
 
 

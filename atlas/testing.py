@@ -33,7 +33,11 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr
 
-Behaviour = Literal["cooperative", "always_delegate", "ping_pong", "repeat_tool", "always_fail"]
+Behaviour = Literal[
+    "cooperative", "always_delegate", "ping_pong", "repeat_tool", "always_fail", "obey_injection"
+]
+"""`obey_injection`: a worker that reads "call the tool X" in a tool result calls X, as a
+model taken in by instructions hidden in a document would (to test that it cannot)."""
 
 _SOURCE = re.compile(r"\[([^\[\]\s]+#\d+)\]")
 _TABLE = re.compile(r"^table (\w+) \(", re.MULTILINE)
@@ -232,6 +236,12 @@ class ScriptedModel(BaseChatModel):
         if self.behaviour == "repeat_tool":
             first = tools[0]
             return _call(first["function"]["name"], _args_for(first, text, used))
+        if self.behaviour == "obey_injection":
+            called = {m.name for m in used}
+            for message in used:
+                for wanted in _INJECTED.findall(str(message.content)):
+                    if wanted not in called:
+                        return _call(wanted, {"content": "injected", "sql": "SELECT 1"})
         if len(used) < min(self.tool_rounds, len(tools)):
             tool = tools[len(used)]
             return _call(tool["function"]["name"], _args_for(tool, text, used))
@@ -256,6 +266,7 @@ def _instruction(team: str, task: str) -> str:
     return f"{verbs.get(team, 'Work on')}: {_digest(task, 200)}"
 
 
+_INJECTED = re.compile(r"call the tool (\w+)", re.I)
 _NAME = re.compile(r"\b[A-Z][\w&'-]+(?:[ \t]+[A-Z][\w&'-]+){0,3}")
 _NOT_NAMES = frozenset(
     "A An The This That These Those It Its All Part Find Findings Compute Write Do Step Task "

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same fuzzed inputs on every run (a red build must be reproducible); local runs
+# draw new ones each time, and hypothesis remembers any failure it finds in .hypothesis/.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 # What ATLAS sets before it starts MLflow, set here too because tests import MLflow directly.
 os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")

@@ -4,6 +4,7 @@ workers share one budget without a race."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def test_twenty_tasks_complete_under_twenty_percent_provider_faults(
             )
 
         results = asyncio.run(run_all())
+    gc.collect()  # the pooled sockets go now, under this test's warning filter (see above)
     injected = fake.injected
     assert set(injected) == set(ALL_FAULTS), injected
     assert sum(injected.values()) >= 0.15 * len(fake.requests)
@@ -94,3 +96,55 @@ def test_twenty_tasks_complete_under_twenty_percent_provider_faults(
     assert notices["retry"] > 0 and notices["fallback"] >= 0
     # Every fault the server served was answered by a retry or a fallback in some trace.
     assert notices["retry"] + notices["fallback"] >= sum(injected.values())
+
+
+CALL_TOKENS = 500  # every scripted call below: 400 prompt + 100 completion tokens
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "extra"),
+    [
+        ("always_delegate", {"max_handoffs": 50}),
+        ("always_fail", {"max_iterations": 50}),
+        ("ping_pong", {"max_handoffs": 50}),
+        ("repeat_tool", {"max_tool_calls": 50}),
+    ],
+)
+def test_misbehaving_model_stops_within_one_call_of_the_budget(
+    behaviour: str,
+    extra: dict[str, Any],
+    make_spec: Callable[..., Any],
+    state_dir: Path,
+) -> None:
+    """Loop guards are generous here, so the token budget is what stops each misbehaviour: the
+    run ends `budget_exhausted`, keeps its output, overshoots by at most one call, and the stop
+    is a span in the trace."""
+    limit = 6_000
+    spec = make_spec(budget={"max_tokens": limit, **extra}, tracing={"enabled": True})
+    model = f"scripted?behaviour={behaviour}&prompt_tokens=400&completion_tokens=100"
+    result = atlas.run(spec, model=model, state_dir_path=state_dir)
+    assert result.status == "budget_exhausted", (result.status, result.stop_reason)
+    assert "max_tokens" in (result.stop_reason or "")
+    assert limit <= result.tokens + CALL_TOKENS  # it did spend the budget...
+    assert result.tokens <= limit + CALL_TOKENS  # ...and at most one call more
+    assert Path(result.output).is_file()
+    spans = [s.name for t in _traces(state_dir) for s in t.data.spans]
+    assert "budget_stop" in spans
+
+
+def test_parallel_workers_share_one_budget_without_a_race(
+    make_spec: Callable[..., Any], state_dir: Path
+) -> None:
+    """Twelve steps run at once (3 teams x 4), each call takes 50 ms: all of them check and
+    charge one shared budget. The spend passes the limit by at most one call."""
+    limit = 8_000
+    spec = make_spec(budget={"max_tokens": limit, "max_steps": 30, "max_iterations": 1})
+    model = "scripted?fanout=4&latency_ms=50&prompt_tokens=400&completion_tokens=100"
+
+    async def go() -> Any:
+        return await atlas.arun(spec, model=model, state_dir_path=state_dir)
+
+    result = asyncio.run(go())
+    assert result.status == "budget_exhausted"
+    assert result.tokens <= limit + CALL_TOKENS, result.tokens
+    assert result.tokens % CALL_TOKENS == 0 and result.model_calls == result.tokens // CALL_TOKENS

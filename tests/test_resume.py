@@ -33,16 +33,26 @@ def _calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def _start_and_kill(tmp_path: Path, log: Path, when: Callable[[list[dict]], bool]) -> str:
+def _write_task(where: Path) -> Path:
+    """The quickstart, with its inputs named by absolute path, in `where`."""
     shutil_src = EXAMPLES / "quickstart"
-    task = tmp_path / "task.yaml"
+    task = where / "task.yaml"
     task.write_text(
         (shutil_src / "task.yaml")
         .read_text()
         .replace("docs/*.md", str(shutil_src / "docs" / "*.md"))
         .replace("data/*.csv", str(shutil_src / "data" / "*.csv"))
+        # room for a second round, for the kill points in it
+        .replace("max_iterations: 1 ", "max_iterations: 2 ")
     )
-    model = f"scripted?latency_ms=150&call_log={log}"
+    return task
+
+
+def _start_and_kill(
+    tmp_path: Path, log: Path, when: Callable[[list[dict]], bool], options: str = ""
+) -> str:
+    task = _write_task(tmp_path)
+    model = f"scripted?latency_ms=150&call_log={log}{options}"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
     err = tmp_path / "run.stderr"
     with open(err, "wb") as err_fh:
@@ -133,3 +143,93 @@ def test_kill_during_memory_write_then_resume_duplicates_nothing(tmp_path: Path)
         }
 
     assert stats(killed) == stats(clean)
+
+
+def _memory_stats(where: Path) -> dict:
+    out = atlas_cli("memory", "stats", "--json", cwd=where)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    return {
+        **{f"vector.{k}": data["vector"][k] for k in ("documents", "findings", "outputs")},
+        **{f"graph.{k}": data["graph"][k] for k in ("entities", "relations", "findings")},
+    }
+
+
+def _role(role: str, n: int = 1) -> Callable[[list[dict]], bool]:
+    return lambda calls: sum(c["role"] == role for c in calls) >= n
+
+
+def _tool(name: str) -> Callable[[list[dict]], bool]:
+    return lambda calls: any(name in c["tools"] for c in calls)
+
+
+# Ten places to die: planning, the parallel wave, each team's routing, tool calls, memory
+# writes, writing, judging, and the second iteration's plan and judge.
+KILL_POINTS: dict[str, tuple[Callable[[list[dict]], bool], str]] = {
+    "after the plan": (_role("planner"), ""),
+    "parallel wave": (_role("worker", 2), ""),
+    "analysis routing": (_tool("handoff:data_explorer"), ""),
+    "research second worker": (_tool("handoff:reader"), ""),
+    "memory write": (_role("memory"), ""),
+    "writing": (_tool("handoff:drafter"), ""),
+    "saving the draft": (_tool("save_draft"), ""),
+    "judging": (_role("judge"), ""),
+    "second plan": (_role("planner", 2), "&fail_iterations=1"),
+    "second judge": (_role("judge", 2), "&fail_iterations=1"),
+}
+_reference: dict[str, dict] = {}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_sigkill_anywhere_then_resume(point: str, tmp_path: Path) -> None:
+    """SIGKILL at each point, then `resume`: the run passes, finished steps are not run again
+    (counted in model calls), memory matches an uninterrupted run's, and the trace says it is a
+    resumed session of the same run."""
+    when, options = KILL_POINTS[point]
+    log = tmp_path / "calls.jsonl"
+    run_id = _start_and_kill(tmp_path, log, when, options)
+    before = _calls(log)
+    first_pid = before[0]["pid"]
+    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "passed" and summary["resumed"] is True
+    after = [c for c in _calls(log) if c["pid"] != first_pid]
+
+    if options not in _reference:
+        clean = tmp_path / "clean"
+        clean.mkdir()
+        ref_log = clean / "calls.jsonl"
+        ref = atlas_cli(
+            "run",
+            str(_write_task(clean)),
+            "--model",
+            f"scripted?call_log={ref_log}{options}",
+            "--json",
+            cwd=clean,
+        )
+        assert ref.returncode == 0, ref.stderr[-2000:]
+        _reference[options] = {"calls": len(_calls(ref_log)), "memory": _memory_stats(clean)}
+    full = _reference[options]["calls"]
+    # Work finished before the kill is not redone: the resumed session makes fewer calls than a
+    # whole run, and both sessions together redo at most the steps in flight at the kill.
+    assert len(before) + len(after) <= full + 12
+    # Killed right after a planner call, that plan may not be checkpointed yet: it is made once
+    # more. Anywhere else, a finished plan is never made again.
+    replanned = point in ("after the plan", "second plan")
+    planner_calls = sum(c["role"] == "planner" for c in before + after)
+    assert planner_calls <= (2 if options else 1) + replanned, "a finished plan was made again"
+    if point == "after the plan":
+        assert len(after) <= full  # nothing had finished yet
+    else:
+        assert len(after) < full
+    assert _memory_stats(tmp_path) == _reference[options]["memory"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    trace = mlflow.get_trace(summary["trace_id"])
+    assert trace.info.trace_metadata.get("atlas.resumed") == "True"
+    assert trace.info.trace_metadata.get("mlflow.trace.session") == run_id
