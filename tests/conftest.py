@@ -97,6 +97,17 @@ def make_spec(tmp_path: Path) -> Callable[..., Any]:
     return make
 
 
+def record_figure(name: str, value: Any) -> None:
+    """Keep a figure a test measured in test-artifacts/figures.json (for the README)."""
+    import json
+
+    path = ROOT / "test-artifacts" / "figures.json"
+    path.parent.mkdir(exist_ok=True)
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    figures[name] = value
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

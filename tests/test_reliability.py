@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import atlas
+from tests.conftest import record_figure
 from tests.fake_providers import ALL_FAULTS, FakeProviders
 
 FAULT_RATE = 0.2
@@ -93,6 +94,18 @@ def test_twenty_tasks_complete_under_twenty_percent_provider_faults(
         for span in trace.data.spans:
             if span.name in notices:
                 notices[span.name] += 1
+    record_figure(
+        "provider_faults",
+        {
+            "tasks": TASKS,
+            "passed": sum(r.status == "passed" for r in results),
+            "requests": len(fake.requests),
+            "faults_injected": injected,
+            "retry_spans": notices["retry"],
+            "fallback_spans": notices["fallback"],
+            "steps_done": len(steps),
+        },
+    )
     assert notices["retry"] > 0 and notices["fallback"] >= 0
     # Every fault the server served was answered by a retry or a fallback in some trace.
     assert notices["retry"] + notices["fallback"] >= sum(injected.values())

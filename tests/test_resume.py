@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, atlas_cli
+from tests.conftest import EXAMPLES, atlas_cli, record_figure
 
 RESEARCH_OR_ANALYSIS = {
     "handoff:searcher",
@@ -226,6 +226,10 @@ def test_sigkill_anywhere_then_resume(point: str, tmp_path: Path) -> None:
     else:
         assert len(after) < full
     assert _memory_stats(tmp_path) == _reference[options]["memory"]
+    record_figure(
+        f"kill:{point}",
+        {"calls_before_kill": len(before), "calls_after_resume": len(after), "full_run": full},
+    )
 
     import mlflow
 
