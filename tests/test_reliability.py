@@ -165,7 +165,7 @@ def test_parallel_workers_share_one_budget_without_a_race(
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="open (issue 6): with 20 processes at once, some runs record a memory_error span; "
     "all 20 runs pass and all 20 traces are complete, but a memory write can be lost",
 )
