@@ -1,13 +1,17 @@
-"""Child servers ATLAS starts on 127.0.0.1 (the local model server, the MLflow UI)."""
+"""Child servers ATLAS starts on 127.0.0.1 (the local model server, the MLflow UI), and the
+file lock that serialises work several processes may start at once."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def die_with_parent() -> None:
@@ -41,3 +45,15 @@ def stop(proc: subprocess.Popen[bytes], first: signal.Signals = signal.SIGTERM) 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (first creation of a store, a one-time export)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

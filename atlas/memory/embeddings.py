@@ -16,7 +16,6 @@ fails offline, so ATLAS always computes embeddings itself and hands Chroma the v
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import logging
@@ -26,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from atlas._process import file_lock
 from atlas.errors import MemoryStoreError
 
 if TYPE_CHECKING:
@@ -80,8 +80,7 @@ def export_onnx(target: Path | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.with_suffix(".lock")):
         if target.exists():
             return target
         try:

@@ -11,17 +11,16 @@ instead of duplicating it, and unchanged texts are not embedded again.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from atlas._process import file_lock
 from atlas.errors import MemoryStoreError
 from atlas.memory.embeddings import Embedder
 
@@ -130,7 +129,7 @@ class VectorMemory:
                 return _clients[key]
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
-                with _file_lock(self.path / ".atlas-create.lock"):
+                with file_lock(self.path / ".atlas-create.lock"):
                     client = chromadb.PersistentClient(path=key, settings=_settings())
                     client.get_or_create_collection(
                         COLLECTION, embedding_function=None, metadata=self._metadata()
@@ -285,16 +284,6 @@ class VectorMemory:
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _first_line(exc: BaseException) -> str:

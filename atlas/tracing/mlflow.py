@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -94,18 +93,6 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     except (OSError, TimeoutError) as exc:
         return f"no answer from {health} within {timeout:g}s ({type(exc).__name__})"
     return None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialises first creation of a sqlite store across processes (schema migrations race)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def agent_version(spec: TaskSpec, ctx: RunContext) -> str:
@@ -512,7 +499,10 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
     key = (uri, experiment)
     if key in _ready and _current[0] == key and mlflow.get_tracking_uri() == uri:
         return _ready[key]
-    with _file_lock(state_dir / "mlflow.lock"):
+    from atlas._process import file_lock
+
+    # Serialises first creation of the sqlite store across processes (schema migrations race).
+    with file_lock(state_dir / "mlflow.lock"):
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
