@@ -13,47 +13,17 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from atlas import cli
+from atlas.spec import TaskSpec
 
-FIELDS = [
-    "task",
-    "name",
-    "acceptance",
-    "teams",
-    "inputs",
-    "output",
-    "budget",
-    "models",
-    "tracing",
-    "memory",
-    "judge",
-    "agents_dir",
-    "personas_dir",
-]
+# The task file's own fields, and those of its sections, from the schema itself.
+FIELDS = list(TaskSpec.model_fields)
 NESTED = {
-    "budget": [
-        "max_iterations",
-        "max_steps",
-        "max_tokens",
-        "max_cost_usd",
-        "timeout_s",
-        "max_handoffs",
-        "max_tool_calls",
-    ],
-    "models": ["default", "planner", "judge", "supervisor", "memory", "teams", "fallbacks"],
-    "inputs": ["documents", "data"],
-    "memory": [
-        "enabled",
-        "dir",
-        "vector_url",
-        "graph_uri",
-        "embedder",
-        "extract_entities",
-        "recall",
-    ],
-    "tracing": ["enabled", "tracking_uri", "experiment"],
-    "judge": ["pass_threshold"],
+    name: list(annotation.model_fields)
+    for name, field in TaskSpec.model_fields.items()
+    if isinstance(annotation := field.annotation, type) and issubclass(annotation, BaseModel)
 }
 
 scalars = st.one_of(
