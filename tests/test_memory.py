@@ -161,6 +161,53 @@ def test_parallel_writers_lose_nothing(memory: Memory) -> None:
     assert stats["relations"] == 40 + 40
 
 
+_WRITER = """
+import sys
+from pathlib import Path
+from atlas.memory.store import Memory, finding_records
+
+memory = Memory(Path(sys.argv[1]))
+n = int(sys.argv[2])
+for step in range(25):
+    text = f"Process {n} step {step}: the pilot logged {n * 100 + step} trips at dock {step}."
+    memory.remember(finding_records(
+        run_id=f"run{n}", step_id=f"s{step}", team="research", iteration=1, text=text
+    ))
+    memory.search([f"trips at dock {step}"], k=3, kinds=["finding"])
+print("ok")
+"""
+
+
+def test_processes_writing_one_embedded_store_lose_nothing(tmp_path: Path) -> None:
+    """Eight processes write and query one embedded Chroma store at once. Unguarded, Chroma's
+    per-process index went stale ("Error finding id") and the store lost vectors."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "m"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(store), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(8)
+    ]
+    outcomes = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, outcomes
+    memory = Memory(store)
+    try:
+        got = memory.vector.collection.get(include=["embeddings", "metadatas"])
+        assert len(got["ids"]) == 8 * 25
+        # Every finding is found by meaning, by its own text, with its provenance.
+        for n in (0, 5):
+            hits = memory.search([f"Process {n} step 7: the pilot logged {n * 100 + 7} trips"])[0]
+            assert hits[0].metadata["run_id"] == f"run{n}"
+    finally:
+        memory.close()
+
+
 def test_store_built_with_another_embedder_is_refused(tmp_path: Path) -> None:
     from atlas.errors import MemoryStoreError
     from atlas.memory.vector import VectorMemory

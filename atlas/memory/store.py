@@ -148,14 +148,9 @@ class Memory:
         return {"files": len(files), "chunks": len(records), "written": written, "removed": removed}
 
     def _drop_after(self, path: str, last: int) -> int:
-        col = self.vector.collection
-        stale = col.get(
-            where={"$and": [{"path": path}, {"position": {"$gt": last}}, {"kind": "document"}]},
-            include=[],
-        )["ids"]
-        if stale:
-            col.delete(ids=stale)
-        return len(stale)
+        return self.vector.delete_where(
+            {"$and": [{"path": path}, {"position": {"$gt": last}}, {"kind": "document"}]}
+        )
 
     def remember(self, records: Sequence[Record]) -> int:
         """Store a finding's or an output's chunks; returns how many were new or changed."""

@@ -11,9 +11,12 @@ instead of duplicating it, and unchanged texts are not embedded again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +93,8 @@ class VectorMemory:
         self.path = path
         self.url = url
         self._collection: Any = None
+        """A server's collection (an embedded store's lives in `_EmbeddedStore`)."""
+        self._embedder_checked = False
         self._lock = threading.Lock()
 
     @property
@@ -97,75 +102,79 @@ class VectorMemory:
         return safe_url(self.url) if self.url else str(self.path)
 
     # -- opening -------------------------------------------------------------------------------
-    def _client(self) -> Any:
+    def _http_client(self) -> Any:
         import chromadb
 
-        if self.url:
-            parts = urlsplit(self.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise MemoryStoreError(f"memory.vector_url {self.where!r} is not an http(s) URL")
-            try:
-                client = chromadb.HttpClient(
-                    host=parts.hostname,
-                    port=parts.port or (443 if parts.scheme == "https" else 8000),
-                    ssl=parts.scheme == "https",
-                    settings=_settings(),
-                )
-                client.heartbeat()
-            except Exception as exc:
-                raise MemoryStoreError(
-                    f"cannot reach the Chroma server at {self.where}: {_first_line(exc)}"
-                ) from None
-            return client
-        assert self.path is not None
-        if self.path.exists() and not self.path.is_dir():
-            raise MemoryStoreError(f"vector store {self.path} is a file, not a directory")
-        key = str(self.path.resolve())
-        # One client per store per process, created under a process-wide lock and a file lock:
-        # Chroma's first creation of a store races when several threads or processes do it at
-        # the same moment ("Could not connect to tenant default_tenant").
-        with _clients_lock:
-            if key in _clients:
-                return _clients[key]
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                with file_lock(self.path / ".atlas-create.lock"):
-                    client = chromadb.PersistentClient(path=key, settings=_settings())
-                    client.get_or_create_collection(
-                        COLLECTION, embedding_function=None, metadata=self._metadata()
-                    )
-            except Exception as exc:
-                raise MemoryStoreError(
-                    f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
-                    f"{_first_line(exc)}"
-                ) from None
-            _clients[key] = client
-            return client
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise MemoryStoreError(f"memory.vector_url {self.where!r} is not an http(s) URL")
+        try:
+            client = chromadb.HttpClient(
+                host=parts.hostname,
+                port=parts.port or (443 if parts.scheme == "https" else 8000),
+                ssl=parts.scheme == "https",
+                settings=_settings(),
+            )
+            client.heartbeat()
+        except Exception as exc:
+            raise MemoryStoreError(
+                f"cannot reach the Chroma server at {self.where}: {_first_line(exc)}"
+            ) from None
+        return client
 
     def _metadata(self) -> dict[str, str]:
         return {"hnsw:space": "cosine", "atlas_embedder": self.embedder.name}
 
+    def _checked(self, col: Any) -> Any:
+        built_with = (col.metadata or {}).get("atlas_embedder")
+        if built_with and built_with != self.embedder.name:
+            raise MemoryStoreError(
+                f"vector store {self.where} was built with embedder {built_with}, "
+                f"not {self.embedder.name}: configure the same embedder or another store"
+            )
+        return col
+
+    @contextlib.contextmanager
+    def _use(self, *, write: bool) -> Iterator[Any]:
+        """The collection, safe to use for one operation.
+
+        A server needs nothing more. An embedded store is held under its cross-process lock for
+        the operation (see `_EmbeddedStore`).
+        """
+        if self.url:
+            with self._lock:
+                if self._collection is None:
+                    try:
+                        col = self._http_client().get_or_create_collection(
+                            COLLECTION, embedding_function=None, metadata=self._metadata()
+                        )
+                    except MemoryStoreError:
+                        raise
+                    except Exception as exc:
+                        raise MemoryStoreError(
+                            f"vector store {self.where} cannot be read: {_first_line(exc)}"
+                        ) from None
+                    self._collection = self._checked(col)
+            yield self._collection
+            return
+        assert self.path is not None
+        store = _EmbeddedStore.shared(self.path, self._metadata())
+        with store.use(write=write) as col:
+            if not self._embedder_checked:
+                self._checked(col)
+                self._embedder_checked = True
+            yield col
+
     @property
     def collection(self) -> Any:
-        with self._lock:
-            if self._collection is None:
-                client = self._client()
-                try:
-                    col = client.get_or_create_collection(
-                        COLLECTION, embedding_function=None, metadata=self._metadata()
-                    )
-                except Exception as exc:
-                    raise MemoryStoreError(
-                        f"vector store {self.where} cannot be read: {_first_line(exc)}"
-                    ) from None
-                built_with = (col.metadata or {}).get("atlas_embedder")
-                if built_with and built_with != self.embedder.name:
-                    raise MemoryStoreError(
-                        f"vector store {self.where} was built with embedder {built_with}, "
-                        f"not {self.embedder.name}: configure the same embedder or another store"
-                    )
-                self._collection = col
-            return self._collection
+        """The Chroma collection, opened and checked (raises MemoryStoreError).
+
+        For a single process's inspection; ATLAS's own reads and writes go through `_use`, which
+        keeps an embedded store consistent when several processes share it.
+        """
+        with self._use(write=False) as col:
+            return col
 
     # -- writing -------------------------------------------------------------------------------
     def upsert(self, records: Sequence[Record]) -> int:
@@ -173,37 +182,47 @@ class VectorMemory:
 
         Embedding the next batch overlaps with Chroma writing the previous one.
         """
-        col = self.collection
         unique = list({r.id: r for r in records}.values())
         written = 0
         pending: Future[None] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-chroma") as pool:
             for start in range(0, len(unique), _BATCH):
-                batch = self._changed(col, unique[start : start + _BATCH])
+                batch = self._changed(unique[start : start + _BATCH])
                 if not batch:
                     continue
                 vectors = self.embedder.embed([r.text for r in batch])
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(
-                    col.upsert,
-                    ids=[r.id for r in batch],
-                    embeddings=vectors,
-                    documents=[r.text for r in batch],
-                    metadatas=[r.metadata() for r in batch],
-                )
+                pending = pool.submit(self._write, batch, vectors)
                 written += len(batch)
             if pending is not None:
                 pending.result()
         return written
 
-    @staticmethod
-    def _changed(col: Any, batch: list[Record]) -> list[Record]:
-        found = col.get(ids=[r.id for r in batch], include=["metadatas"])
+    def _write(self, batch: list[Record], vectors: Any) -> None:
+        with self._use(write=True) as col:
+            col.upsert(
+                ids=[r.id for r in batch],
+                embeddings=vectors,
+                documents=[r.text for r in batch],
+                metadatas=[r.metadata() for r in batch],
+            )
+
+    def _changed(self, batch: list[Record]) -> list[Record]:
+        with self._use(write=False) as col:
+            found = col.get(ids=[r.id for r in batch], include=["metadatas"])
         known = {
             i: (m or {}).get("sha") for i, m in zip(found["ids"], found["metadatas"], strict=True)
         }
         return [r for r in batch if known.get(r.id) != _sha(r.text)]
+
+    def delete_where(self, where: dict[str, Any]) -> int:
+        """Delete the passages matching a Chroma `where` filter; returns how many."""
+        with self._use(write=True) as col:
+            ids = col.get(where=where, include=[])["ids"]
+            if ids:
+                col.delete(ids=ids)
+        return len(ids)
 
     # -- reading -------------------------------------------------------------------------------
     def search(
@@ -217,7 +236,6 @@ class VectorMemory:
         """The `k` closest passages for each query, best first."""
         if not queries:
             return []
-        col = self.collection
         filters: list[dict[str, Any]] = []
         if kinds is not None:
             filters.append({"kind": {"$in": list(kinds)}})
@@ -227,12 +245,13 @@ class VectorMemory:
             None if not filters else filters[0] if len(filters) == 1 else {"$and": filters}
         )
         vectors = self.embedder.embed(list(queries))
-        res = col.query(
-            query_embeddings=vectors,
-            n_results=max(1, k),
-            where=where,
-            include=["documents", "metadatas", "distances"],
-        )
+        with self._use(write=False) as col:
+            res = col.query(
+                query_embeddings=vectors,
+                n_results=max(1, k),
+                where=where,
+                include=["documents", "metadatas", "distances"],
+            )
         out: list[list[Hit]] = []
         for ids, docs, metas, dists in zip(
             res["ids"], res["documents"], res["metadatas"], res["distances"], strict=True
@@ -253,14 +272,15 @@ class VectorMemory:
         return out
 
     def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        found = self.collection.get(ids=list(ids), include=["metadatas"])
+        with self._use(write=False) as col:
+            found = col.get(ids=list(ids), include=["metadatas"])
         return {i: dict(m or {}) for i, m in zip(found["ids"], found["metadatas"], strict=True)}
 
     def count(self, kind: str | None = None) -> int:
-        col = self.collection
-        if kind is None:
-            return int(col.count())
-        return len(col.get(where={"kind": kind}, include=[])["ids"])
+        with self._use(write=False) as col:
+            if kind is None:
+                return int(col.count())
+            return len(col.get(where={"kind": kind}, include=[])["ids"])
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -272,18 +292,91 @@ class VectorMemory:
 
     def clear(self) -> int:
         """Delete every passage; returns how many there were."""
-        col = self.collection
-        n = int(col.count())
-        while True:
-            ids = col.get(limit=5000, include=[])["ids"]
-            if not ids:
-                break
-            col.delete(ids=ids)
+        with self._use(write=True) as col:
+            n = int(col.count())
+            while True:
+                ids = col.get(limit=5000, include=[])["ids"]
+                if not ids:
+                    break
+                col.delete(ids=ids)
         return n
 
 
-_clients: dict[str, Any] = {}
-_clients_lock = threading.Lock()
+class _EmbeddedStore:
+    """One embedded Chroma directory, shared by every `VectorMemory` on it in this process.
+
+    Chroma's embedded store is not safe for several processes: each keeps its own view of the
+    index, and when two write at once queries fail ("Error finding id") and vectors are lost
+    (measured: 12 processes writing one store left it unreadable). So each operation holds the
+    store's file lock, every write bumps a generation file, and a process whose view is older
+    than the last write reopens the store before using it. A process alone never reopens.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path = path
+        self.metadata = metadata
+        self.client: Any = None
+        self.collection: Any = None
+        self.generation: str | None = None
+        self.reopens = 0
+        self._thread_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, path: Path, metadata: dict[str, str]) -> _EmbeddedStore:
+        if path.exists() and not path.is_dir():
+            raise MemoryStoreError(f"vector store {path} is a file, not a directory")
+        key = str(path.resolve())
+        with _stores_lock:
+            store = _stores.get(key)
+            if store is None:
+                store = _stores[key] = cls(Path(key), metadata)
+            return store
+
+    @contextlib.contextmanager
+    def use(self, *, write: bool) -> Iterator[Any]:
+        with self._thread_lock:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with file_lock(self.path / ".atlas.lock"):
+                current = self._read_generation()
+                if self.collection is None or current != self.generation:
+                    self._open()
+                yield self.collection
+                if write:
+                    current = f"{os.getpid()}:{time.time_ns()}"
+                    tmp = self.path / f".atlas-generation.{os.getpid()}"
+                    tmp.write_text(current)
+                    os.replace(tmp, self.path / ".atlas-generation")
+                self.generation = current
+
+    def _read_generation(self) -> str:
+        try:
+            return (self.path / ".atlas-generation").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def _open(self) -> None:
+        import chromadb
+
+        if self.client is not None:
+            self.reopens += 1
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = self.collection = None
+        try:
+            client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
+            self.collection = client.get_or_create_collection(
+                COLLECTION, embedding_function=None, metadata=self.metadata
+            )
+        except Exception as exc:
+            raise MemoryStoreError(
+                f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
+                f"{_first_line(exc)}"
+            ) from None
+        self.client = client
+
+
+_stores: dict[str, _EmbeddedStore] = {}
+_stores_lock = threading.Lock()
 
 
 def _first_line(exc: BaseException) -> str:
