@@ -85,6 +85,22 @@ def test_runaway_query_is_stopped() -> None:
         data.query("SELECT COUNT(*) FROM range(100000000000) a, range(1000) b")
 
 
+def test_queries_run_on_one_core_under_a_memory_cap_and_the_tool_recovers() -> None:
+    """CPU: one thread, and a runaway query is stopped (above). Memory: a query that needs more
+    than the cap fails with DuckDB's out-of-memory error instead of growing the process; the
+    next query works."""
+    data = DataSource(DATA, memory_limit="64MB")
+    limits = data.query("SELECT current_setting('threads') AS t, current_setting('memory_limit')")
+    assert limits.splitlines()[1].startswith("1 | 61.0 MiB")
+    with pytest.raises(ToolError, match="Out of Memory"):
+        data.query("SELECT string_agg(repeat('x', 1000), ',') FROM range(1000000)")
+    assert data.query("SELECT COUNT(*) AS n FROM stations").splitlines()[1].strip().isdigit()
+    # The limits cannot be lifted from SQL: SET is refused, and the configuration is locked.
+    with pytest.raises(ToolError):
+        data.query("SET threads=8")
+    assert data.query("SELECT current_setting('threads') AS t").splitlines()[1] == "1"
+
+
 def test_tool_errors_go_back_to_the_model_as_text() -> None:
     ws = Workspace(DocumentIndex(), DataSource(DATA), None)  # type: ignore[arg-type]
     (query,) = make_tools(["query_data"], ws)
