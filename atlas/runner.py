@@ -23,7 +23,15 @@ from langgraph.types import StreamMode
 from atlas.context import RunContext
 from atlas.errors import AtlasError
 from atlas.models.usage import totals
-from atlas.runs import RunRecord, RunStore, now, spec_to_json, state_dir, sync_checkpointer
+from atlas.runs import (
+    RunRecord,
+    RunStore,
+    now,
+    restore_secrets,
+    spec_to_json,
+    state_dir,
+    sync_checkpointer,
+)
 from atlas.spec import TaskSpec
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -301,7 +309,7 @@ def resume(
     """Continue an interrupted run from its last checkpoint. Finished steps are not redone."""
     directory = state_dir(state_dir_path)
     record = RunStore(directory).get(run_id)
-    spec = TaskSpec.model_validate_json(record.spec_json)
+    spec = restore_secrets(record)
     return run(
         spec,
         model=model or record.model,

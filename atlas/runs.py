@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -156,8 +157,60 @@ def sync_checkpointer(directory: Path) -> Iterator[Any]:
         con.close()
 
 
+_SECRET_OPTION = re.compile(r"key|token|secret|password|authorization|credential|cookie", re.I)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.I)
+
+
 def spec_to_json(spec: Any) -> str:
-    return json.dumps(spec.model_dump(mode="json"))
+    """The spec as a run record keeps it: no secrets.
+
+    Provider options whose names look secret (`api_key`, `X-Gateway-Token`, `Authorization`),
+    passwords in URLs, secret environment values and key-shaped strings become `[REDACTED]`.
+    `resume` takes them back from the task file (see `restore_secrets`).
+    """
+    from atlas.tracing.redact import REDACTED, scrub_text, secret_values
+
+    secrets = secret_values()
+
+    def clean(value: Any, name: str = "", option: bool = False) -> Any:
+        """`option`: inside a model's free-form `params`, where names tell what is secret."""
+        if isinstance(value, dict):
+            return {k: clean(v, str(k), option or k == "params") for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, name, option) for v in value]
+        if isinstance(value, str):
+            if option and _SECRET_OPTION.search(name) and not name.endswith("_env"):
+                return REDACTED
+            return scrub_text(_URL_PASSWORD.sub(rf"\1{REDACTED}@", value), secrets)
+        return value
+
+    return json.dumps(clean(spec.model_dump(mode="json")))
+
+
+def restore_secrets(record: RunRecord) -> Any:
+    """The run's spec for `resume`. When secrets were left out of the record, they come back from
+    the task file, which must still describe the same task; otherwise a one-line SpecError."""
+    from atlas.errors import SpecError
+    from atlas.spec import TaskSpec, load_task
+    from atlas.tracing.redact import REDACTED
+
+    if REDACTED not in record.spec_json:
+        return TaskSpec.model_validate_json(record.spec_json)
+    how = "put them in environment variables (`api_key_env`) to resume without the file"
+    if not record.task_file or not Path(record.task_file).is_file():
+        raise SpecError(
+            f"run {record.run_id} had secrets in its task options, which ATLAS does not store, "
+            f"and its task file is gone: {how}",
+            file=record.task_file,
+        )
+    spec = load_task(record.task_file)
+    if spec_to_json(spec) != record.spec_json:
+        raise SpecError(
+            f"changed since run {record.run_id} started; the run had secrets in its task "
+            f"options, which ATLAS does not store: restore the file or {how}",
+            file=record.task_file,
+        )
+    return spec
 
 
 def now() -> float:

@@ -30,6 +30,8 @@ class Recorded:
     api: str
     body: dict[str, Any]
     fault: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+    """Request headers, names lower-cased."""
 
 
 @dataclass
@@ -113,7 +115,9 @@ class FakeProviders:
         api = "anthropic" if h.path.rstrip("/").endswith("/messages") else "openai"
         fault = self._next_fault()
         with self._lock:
-            self.requests.append(Recorded(api, body, fault))
+            self.requests.append(
+                Recorded(api, body, fault, {k.lower(): v for k, v in h.headers.items()})
+            )
         if fault == "429":
             return _send(
                 h, 429, _error(api, "rate_limit"), {"retry-after": f"{self.retry_after:g}"}

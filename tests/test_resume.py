@@ -237,3 +237,41 @@ def test_sigkill_anywhere_then_resume(point: str, tmp_path: Path) -> None:
     trace = mlflow.get_trace(summary["trace_id"])
     assert trace.info.trace_metadata.get("atlas.resumed") == "True"
     assert trace.info.trace_metadata.get("mlflow.trace.session") == run_id
+
+
+def test_secrets_in_task_options_are_not_stored_and_resume_reads_them_back(
+    tmp_path: Path,
+) -> None:
+    """A key written into a task file's provider options never reaches `runs.db`; `resume` takes
+    it back from the task file, and refuses in one line when that file no longer matches."""
+    from atlas.runs import RunRecord, RunStore, restore_secrets, spec_to_json
+    from atlas.spec import load_task
+
+    task = _write_task(tmp_path)
+    task.write_text(
+        task.read_text()
+        + "models:\n  default:\n    model: openai:gpt-4o-mini\n"
+        + "    base_url: https://bench:pw-ATLASTESTSECRET-1@gateway.example/v1\n"
+        + "    params:\n      api_key: sk-proj-ATLASTESTSECRET0123456789abcdef\n"
+        + "      default_headers: {X-Gateway-Token: gw-ATLASTESTSECRET-2}\n"
+    )
+    spec = load_task(task)
+    stored = spec_to_json(spec)
+    assert "ATLASTESTSECRET" not in stored
+    assert "gateway.example" in stored and "gpt-4o-mini" in stored  # the rest is kept
+    record = RunRecord("r1", None, str(task), stored, None, "running", 0.0)
+    assert restore_secrets(record) == spec
+
+    state = tmp_path / "state"
+    RunStore(state).start(record)
+    task.write_text(task.read_text().replace("bike-share", "scooter"))
+    out = atlas_cli("resume", "r1", "--state-dir", str(state))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "changed since run r1 started" in out.stderr
+    task.unlink()
+    out = atlas_cli("resume", "r1", "--state-dir", str(state))
+    assert out.returncode == 2 and "task file is gone" in out.stderr
+    assert "Traceback" not in out.stderr
+    for path in state.rglob("*"):
+        if path.is_file():
+            assert b"ATLASTESTSECRET" not in path.read_bytes(), path

@@ -248,17 +248,24 @@ def test_no_secret_reaches_traces_logs_checkpoints_or_outputs(
     monkeypatch.setenv("ANTHROPIC_API_KEY", secrets[1])
     monkeypatch.setenv("MY_GATEWAY_TOKEN", "gateway-ATLASTESTSECRET-5555")
     with FakeProviders() as fake:
-        spec = _traced(
-            make_spec,
-            models={"default": {"model": "openai:gpt-4o-mini", "base_url": f"{fake.url}/v1"}},
-        )
+        model = {
+            "model": "openai:gpt-4o-mini",
+            "base_url": f"{fake.url}/v1",
+            # Secrets written into the task file itself, as provider options.
+            "params": {"default_headers": {"X-Gateway-Token": "gw-ATLASTESTSECRET-7777"}},
+        }
+        spec = _traced(make_spec, models={"default": model})
         result = atlas.run(spec, state_dir_path=state_dir)
         # the key really was used on the wire, so there was something to leak
         assert result.status == "passed" and fake.requests
-    scanned = 0
+        assert any("ATLASTESTSECRET" in r.headers.get("x-gateway-token", "") for r in fake.requests)
+    scanned: list[str] = []
     for path in [*state_dir.rglob("*"), *tmp_path.rglob("*.md")]:
         if path.is_file():
             data = path.read_bytes()
-            scanned += 1
+            scanned.append(path.relative_to(tmp_path).as_posix())
             assert b"ATLASTESTSECRET" not in data, f"secret found in {path}"
-    assert scanned >= 5
+    # What was scanned: the trace store, the checkpoints, both memory stores, the output.
+    joined = " ".join(scanned)
+    for part in ("mlflow.db", "checkpoints", "memory/chroma", "memory/graph", ".md"):
+        assert part in joined, (part, scanned)
