@@ -43,14 +43,18 @@ class SupervisorDef(_Strict):
 
 
 class TeamDef(_Strict):
-    """A team: a supervisor routing between two or more workers."""
+    """A team: a supervisor routing between its workers.
+
+    A team with one worker has nothing to route, so its steps go straight to that worker and the
+    supervisor makes no model call.
+    """
 
     name: str = Field(pattern=_NAME)
     description: str = Field(
         min_length=1, description="What the planner reads when assigning steps"
     )
     supervisor: SupervisorDef
-    workers: list[WorkerDef] = Field(min_length=2)
+    workers: list[WorkerDef] = Field(min_length=1)
 
     @field_validator("workers")
     @classmethod

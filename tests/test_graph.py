@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,33 @@ def test_research_and_analysis_overlap_in_time(
     assert r_start < a_end and a_start < r_end  # the intervals intersect
     overlap = min(r_end, a_end) - max(r_start, a_start)
     assert overlap > 0.5 * min(r_end - r_start, a_end - a_start)
+
+
+def test_a_one_worker_team_skips_the_supervisor_call(
+    make_spec: Callable[..., Any], state_dir: Path, tmp_path: Path
+) -> None:
+    """Routing with one choice would be a wasted model call: a one-worker team's step goes
+    straight to the worker, whose answer is the step's report."""
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "research.yaml").write_text(
+        "description: Searches the task's documents.\n"
+        "supervisor: {persona: research_lead}\n"
+        "workers:\n"
+        "  - {name: searcher, persona: researcher, description: Searches.,"
+        " tools: [search_documents]}\n"
+    )
+    spec = make_spec(agents_dir=str(agents), memory={"enabled": False})
+    log = tmp_path / "calls.jsonl"
+    result, events = _run(spec, state_dir, model=f"scripted?call_log={log}")
+    assert result.status == "passed"
+    (research,) = [e for e in events if e["event"] == "step_done" and e["team"] == "research"]
+    assert research["workers"] == ["searcher"] and research["status"] == "done"
+    assert not [e for e in events if e["event"] == "handoff" and e["team"] == "research"]
+    roles = [json.loads(line)["role"] for line in log.read_text().splitlines()]
+    # Two teams with two workers route (3 supervisor calls each); research makes none.
+    assert roles.count("supervisor") == 2 * 3
+    assert result.by_team["research"]["calls"] == 2  # its one worker: a search, then the answer
 
 
 def test_writing_waits_for_its_dependencies(make_spec: Callable[..., Any], state_dir: Path) -> None:

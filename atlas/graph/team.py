@@ -304,19 +304,20 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                     )
             span.set_outputs({"report": clip(report, 1000)})
             span.set_attributes({"atlas.tool_calls": calls_made})
-        sup_messages = list(state.get("messages") or [])
-        call_id = (state.get("handoffs") or [{}])[-1].get("call_id", "handoff")
-        sup_messages.append(
-            ToolMessage(
-                content=f"{worker.name} reported:\n{clip(report, sup_limits.report)}",
-                tool_call_id=call_id,
-            )
-        )
         update: dict[str, Any] = {
-            "messages": sup_messages,
             "reports": [{"worker": worker.name, "report": report}],
             "usage": usage,
         }
+        if len(team.workers) > 1:
+            # The supervisor reads the report as the answer to its handoff call.
+            call_id = (state.get("handoffs") or [{}])[-1].get("call_id", "handoff")
+            update["messages"] = [
+                *(state.get("messages") or []),
+                ToolMessage(
+                    content=f"{worker.name} reported:\n{clip(report, sup_limits.report)}",
+                    tool_call_id=call_id,
+                ),
+            ]
         if note.startswith("budget exhausted"):
             update["stop_reason"] = note
         if note:
@@ -389,10 +390,22 @@ def _extract_entities(ctx: RunContext, team: TeamDef, text: str, record: Any) ->
 
 
 def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:
-    """The team's supervisor graph, uncompiled: START -> supervisor <-> workers -> report."""
+    """The team's supervisor graph, uncompiled: START -> supervisor <-> workers -> report.
+
+    A one-worker team is START -> worker -> report.
+    """
     graph: StateGraph[Any, Any, Any, Any] = StateGraph(
         TeamState, input_schema=TeamInput, output_schema=TeamOutput
     )
+    graph.add_node("report", node("report", report_body(team), fallback))
+    graph.add_edge("report", END)
+    if len(team.workers) == 1:
+        # Nothing to route: the step goes to the one worker, and its answer is the report.
+        (worker,) = team.workers
+        graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
+        graph.add_edge(START, worker.name)
+        graph.add_edge(worker.name, "report")
+        return graph
     graph.add_node(
         "supervisor",
         node("supervisor", supervisor_body(team), fallback),
@@ -401,7 +414,5 @@ def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, A
     for worker in team.workers:
         graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
         graph.add_edge(worker.name, "supervisor")
-    graph.add_node("report", node("report", report_body(team), fallback))
     graph.add_edge(START, "supervisor")
-    graph.add_edge("report", END)
     return graph
