@@ -9,10 +9,12 @@ root. A user's own folders (the task's `agents_dir` / `personas_dir`, or `ATLAS_
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,6 +24,7 @@ from atlas.errors import SpecError
 if TYPE_CHECKING:
     from atlas.spec import TaskSpec
 
+_T = TypeVar("_T")
 _NAME = r"^[a-z][a-z0-9_]*$"
 
 
@@ -175,6 +178,29 @@ def _pydantic_error(exc: ValidationError, path: Path) -> SpecError:
     return SpecError(first["msg"], file=str(path), field=loc or None)
 
 
+def _cached(load: Callable[[Path], _T]) -> Callable[[Path], _T]:
+    """Parse a file once per process while it is unchanged (same size and mtime): a run reads
+    the registry more than once, and parsing YAML showed up in the fan-out benchmark's profile.
+    Failures are not cached, so a fixed file is read again."""
+    cache: dict[Path, tuple[tuple[int, int], _T]] = {}
+    lock = threading.Lock()
+
+    def cached(path: Path) -> _T:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        with lock:
+            hit = cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = load(path)
+        with lock:
+            cache[path] = (stamp, value)
+        return value
+
+    return cached
+
+
+@_cached
 def _load_team(path: Path) -> TeamDef:
     data = _read_yaml(path, path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -186,6 +212,7 @@ def _load_team(path: Path) -> TeamDef:
         raise _pydantic_error(exc, path) from None
 
 
+@_cached
 def _load_persona(path: Path) -> Persona:
     text = path.read_text(encoding="utf-8")
     meta: dict[str, Any] = {}

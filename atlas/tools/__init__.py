@@ -38,6 +38,10 @@ class Workspace:
     memory: Memory | None = None
     tracer: Tracer | None = None
     """Memory tools record what they retrieved as RETRIEVER spans here (see `make_tools`)."""
+    _made: dict[tuple[str, int], BaseTool] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """Tools already made for this run (building a tool's schema costs about a millisecond)."""
 
     @classmethod
     def for_spec(cls, spec: TaskSpec, run_dir: Path, *, memory: Memory | None = None) -> Workspace:
@@ -207,15 +211,18 @@ BUILTIN_TOOLS: dict[str, Callable[[Workspace], BaseTool]] = {
 
 def make_tools(names: list[str], ws: Workspace, tracer: Tracer | None = None) -> list[BaseTool]:
     """The tools named by a worker definition, bound to this run's workspace (and tracer)."""
-    if tracer is not None:
-        ws = dataclasses.replace(ws, tracer=tracer)
+    bound = dataclasses.replace(ws, tracer=tracer, _made={}) if tracer is not None else ws
     factories = BUILTIN_TOOLS
     tools = []
     for name in names:
         factory = factories.get(name)
         if factory is None:
             raise SpecError(f"unknown tool {name!r} (known: {', '.join(sorted(factories))})")
-        tools.append(factory(ws))
+        key = (name, id(tracer))
+        tool = ws._made.get(key)
+        if tool is None:
+            tool = ws._made[key] = factory(bound)
+        tools.append(tool)
     return tools
 
 
