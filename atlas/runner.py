@@ -27,6 +27,7 @@ from atlas.runs import (
     SYNCHRONOUS,
     RunRecord,
     RunStore,
+    connect,
     now,
     restore_secrets,
     spec_to_json,
@@ -397,13 +398,12 @@ async def _async_checkpointer(directory: Path) -> Any:
     from atlas.runs import checkpoint_path
 
     path = checkpoint_path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # As the sync path (runs._connect): WAL and a busy timeout, so many runs in one process or
+    # As the sync path (runs.connect): WAL and a busy timeout, so many runs in one process or
     # several processes can checkpoint to one file without "database is locked".
+    await asyncio.to_thread(lambda: connect(path).close())
     async with aiosqlite.connect(str(path), timeout=30) as conn:
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
         await conn.execute("PRAGMA busy_timeout=30000")
+        await conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
         saver = AsyncSqliteSaver(conn)
         await saver.setup()
         yield saver

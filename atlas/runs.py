@@ -12,7 +12,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +58,27 @@ commits, never corrupt the file. FULL would fsync every checkpoint write, and pr
 fan-out benchmark found those fsyncs on the run's critical path."""
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
     con.execute("PRAGMA busy_timeout=30000")
+    use_wal(path, lambda sql: con.execute(sql).fetchone())
+    con.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
     return con
+
+
+def use_wal(path: Path, query: Callable[[str], Any]) -> None:
+    """Put a database in WAL mode (it stays so). Switching a new file takes an exclusive lock
+    and SQLite fails it at once, without waiting, when another run has the file open: runs
+    starting together on a new state directory did. So the switch happens once, under a file
+    lock, and a file already in WAL mode is left alone."""
+    (mode,) = query("PRAGMA journal_mode")
+    if str(mode).lower() == "wal":
+        return
+    from atlas._process import file_lock
+
+    with file_lock(path.with_name(path.name + ".lock")):
+        query("PRAGMA journal_mode=WAL")
 
 
 @dataclass
@@ -97,7 +111,7 @@ class RunStore:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        con = _connect(self.path)
+        con = connect(self.path)
         try:
             con.execute(_SCHEMA)
             yield con
@@ -156,7 +170,7 @@ def checkpoint_path(directory: Path) -> Path:
 def sync_checkpointer(directory: Path) -> Iterator[Any]:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    con = _connect(checkpoint_path(directory))
+    con = connect(checkpoint_path(directory))
     try:
         saver = SqliteSaver(con)
         saver.setup()

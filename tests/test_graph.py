@@ -204,6 +204,38 @@ def test_async_run_matches_sync(make_spec: Callable[..., Any], state_dir: Path) 
     assert set(result.by_team) == {"research", "analysis", "writing"}
 
 
+def test_runs_starting_together_on_a_new_state_dir_share_its_databases(tmp_path: Path) -> None:
+    """The first runs on a new state directory race to create its SQLite files; one in six
+    pairs of runs failed with "database is locked" while switching the new file to WAL. Here
+    pairs of threads open 40 new databases at the same moment, as two starting runs do."""
+    import threading
+
+    from atlas.runs import connect
+
+    errors: list[BaseException] = []
+
+    def open_db(path: Path, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            con = connect(path)
+            con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            con.close()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    for n in range(40):
+        barrier = threading.Barrier(3)
+        threads = [
+            threading.Thread(target=open_db, args=(tmp_path / f"db{n}.sqlite", barrier))
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
 def test_compiled_graph_embeds_as_a_subgraph(
     make_spec: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
