@@ -517,6 +517,22 @@ _ready: dict[tuple[str, str], str] = {}
 _current: list[tuple[str, str] | None] = [None]
 
 
+def _wal(path: Path) -> None:
+    """MLflow's SQLite store in WAL mode, so concurrent runs' trace writes do not block each
+    other's reads. MLflow leaves SQLite in rollback-journal mode; 50 concurrent traced runs spent
+    most of their tracing time waiting on its locks (`scripts/bench --only concurrency`)."""
+    import sqlite3
+
+    from atlas.runs import use_wal
+
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        con.execute("PRAGMA busy_timeout=30000")
+        use_wal(path, lambda sql: con.execute(sql).fetchone())
+    finally:
+        con.close()
+
+
 def _setup(uri: str, experiment: str, state_dir: Path) -> str:
     """Point MLflow at the store and experiment (get-or-create), once per process and store."""
     import mlflow
@@ -531,6 +547,8 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
     with file_lock(state_dir / "mlflow.lock"):
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient(uri)
+        if uri.startswith("sqlite:///"):
+            _wal(Path(uri.removeprefix("sqlite:///")))
         found = client.get_experiment_by_name(experiment)
         if found is None:
             artifacts = (state_dir / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
