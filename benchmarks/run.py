@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import workloads
 from benchmarks.memory import bench_memory
 
 HERE = Path(__file__).resolve().parent
@@ -170,12 +171,253 @@ def bench_tracking_down(rounds: int) -> dict[str, Any]:
     }
 
 
+# -- the fan-out workload against peers -------------------------------------------------------
+
+PEERS_VENV = ROOT / ".venv-peers"
+PEERS = {
+    "langgraph-supervisor": "benchmarks.peers.supervisor",
+    "crewai-hierarchical": "benchmarks.peers.crew",
+}
+
+
+def _json_tail(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(cmd[-5:])} failed: {' | '.join(tail)}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _atlas(mode: str, latency_ms: int, runs: int) -> dict[str, Any]:
+    return _json_tail(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--worker",
+            mode,
+            "--runs",
+            str(runs),
+            "--latency-ms",
+            str(latency_ms),
+        ]
+    )
+
+
+def _handwritten(latency_ms: int, runs: int) -> dict[str, Any]:
+    return _json_tail(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.handwritten",
+            "--latency-ms",
+            str(latency_ms),
+            "--runs",
+            str(runs),
+        ]
+    )
+
+
+def _peer(name: str, latency_ms: int, runs: int) -> dict[str, Any]:
+    return _json_tail(
+        [
+            str(PEERS_VENV / "bin" / "python"),
+            "-m",
+            PEERS[name],
+            "--latency-ms",
+            str(latency_ms),
+            "--runs",
+            str(runs),
+        ],
+        env={"PYTHONPATH": str(ROOT)},
+    )
+
+
+def _setup_peers() -> float:
+    started = time.perf_counter()
+    subprocess.run([str(HERE / "peers" / "setup_env.sh")], cwd=ROOT, check=True)
+    return time.perf_counter() - started
+
+
+def _collect(samples: dict[str, list[dict[str, Any]]], name: str, got: dict[str, Any]) -> None:
+    samples.setdefault(name, []).append(got)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    walls = [w for r in runs for w in r["wall_s"]]
+    last = runs[-1]
+    return {
+        "wall_s": round(statistics.median(walls), 3),
+        "model_calls": last["model_calls"],
+        "prompt_tokens": last["prompt_tokens"],
+        "steps_done": last["steps_done"],
+        "samples": [round(w, 3) for w in walls],
+        **({"version": last["version"]} if "version" in last else {}),
+    }
+
+
+def bench_fanout(rounds: int, latency_ms: int = 100) -> dict[str, Any]:
+    """3 teams x 3 steps, 2 calls of `latency_ms` per step: ATLAS (traced, as shipped, and
+    untraced), the hand-written LangGraph graph and the peers, interleaved round by round."""
+    install_s = _setup_peers()
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        _collect(samples, "atlas", _atlas("fanout-traced", latency_ms, 2))
+        _collect(samples, "atlas-untraced", _atlas("fanout-untraced", latency_ms, 2))
+        _collect(samples, "handwritten-langgraph", _handwritten(latency_ms, 2))
+        for name in PEERS:
+            _collect(samples, name, _peer(name, latency_ms, 1))
+    frameworks = {name: _summary(runs) for name, runs in samples.items()}
+    critical_s = samples["atlas"][-1]["critical_path_calls"] * latency_ms / 1000
+    atlas = frameworks["atlas"]
+    sup, crew = frameworks["langgraph-supervisor"], frameworks["crewai-hierarchical"]
+    efficiency = critical_s / atlas["wall_s"]
+    vs_sup, vs_crew = atlas["wall_s"] / sup["wall_s"], atlas["wall_s"] / crew["wall_s"]
+    tokens = atlas["prompt_tokens"] / sup["prompt_tokens"]
+    return {
+        "workload": f"3 teams x 3 steps, 2 scripted calls of {latency_ms} ms per step",
+        "critical_path_s": critical_s,
+        "frameworks": frameworks,
+        "parallel_efficiency": {
+            "value": round(efficiency, 3),
+            "untraced": round(critical_s / frameworks["atlas-untraced"]["wall_s"], 3),
+            "goal": ">= 0.90",
+            "met": efficiency >= 0.9,
+        },
+        "wall_vs_supervisor": {
+            "value": round(vs_sup, 3),
+            "goal": "<= 0.333",
+            "met": vs_sup <= 1 / 3,
+        },
+        "wall_vs_crewai": {"value": round(vs_crew, 3), "goal": "<= 0.333", "met": vs_crew <= 1 / 3},
+        "prompt_tokens_vs_supervisor": {
+            "value": round(tokens, 3),
+            "goal": "<= 0.5",
+            "met": tokens <= 0.5,
+        },
+        "peers_env_setup_s": round(install_s, 1),
+    }
+
+
+def bench_overhead(rounds: int) -> dict[str, Any]:
+    """Zero latency: ATLAS's time per model call against the hand-written LangGraph graph making
+    the same calls, untraced and traced."""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        _collect(samples, "atlas-untraced", _atlas("fanout-untraced", 0, 3))
+        _collect(samples, "atlas-traced", _atlas("fanout-traced", 0, 3))
+        _collect(samples, "handwritten", _handwritten(0, 3))
+    per_call = {
+        name: statistics.median(w for r in runs for w in r["wall_s"]) / runs[-1]["model_calls"]
+        for name, runs in samples.items()
+    }
+    ratio = per_call["atlas-untraced"] / per_call["handwritten"]
+    return {
+        "per_call_ms": {k: round(v * 1000, 2) for k, v in per_call.items()},
+        "model_calls": {k: runs[-1]["model_calls"] for k, runs in samples.items()},
+        "untraced_ratio": round(ratio, 2),
+        "traced_ratio": round(per_call["atlas-traced"] / per_call["handwritten"], 2),
+        "goal": "untraced <= 1.5x hand-written LangGraph per model call",
+        "met": ratio <= 1.5,
+    }
+
+
+def bench_concurrency(rounds: int, tasks: int = 50, latency_ms: int = 100) -> dict[str, Any]:
+    """`tasks` fan-out runs at once in one process (asyncio, traced as shipped) against one."""
+    got = _json_tail(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--worker",
+            "concurrent",
+            "--runs",
+            str(rounds),
+            "--latency-ms",
+            str(latency_ms),
+            "--tasks",
+            str(tasks),
+        ]
+    )
+    one, many = statistics.median(got["one_s"]), statistics.median(got["many_s"])
+    return {
+        "workload": f"{tasks} fan-out tasks at once (20 calls of {latency_ms} ms each), arun",
+        "one_s": round(one, 3),
+        "many_s": round(many, 3),
+        "ratio": round(many / one, 2),
+        "goal": "<= 1.5",
+        "met": many / one <= 1.5,
+        "samples": {"one": got["one_s"], "many": got["many_s"]},
+    }
+
+
+def bench_startup(rounds: int) -> dict[str, Any]:
+    """`python -m atlas --help`, and the time from starting a run to its first model call."""
+    help_ = bench_help(rounds * 2)
+    first = _json_tail([sys.executable, "-m", "benchmarks.run", "--worker", "first-call"])
+    return {**help_, "first_call": first}
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "startup": lambda a: bench_help(a.rounds * 2),
+    "startup": lambda a: bench_startup(a.rounds),
+    "fanout": lambda a: bench_fanout(a.rounds),
+    "overhead": lambda a: bench_overhead(a.rounds),
     "tracing_cost": lambda a: bench_tracing_cost(a.rounds, 100),
+    "concurrency": lambda a: bench_concurrency(2),
     "tracking_down": lambda a: bench_tracking_down(a.rounds),
     "memory": lambda a: bench_memory(a.rounds),
 }
+
+
+def _yes(entry: dict[str, Any]) -> str:
+    return "yes" if entry["met"] else "**no**"
+
+
+def _fanout_rows(f: dict[str, Any]) -> list[str]:
+    eff, sup, crew, tok = (
+        f["parallel_efficiency"],
+        f["wall_vs_supervisor"],
+        f["wall_vs_crewai"],
+        f["prompt_tokens_vs_supervisor"],
+    )
+    return [
+        f"| fan-out parallel efficiency (critical path {f['critical_path_s']:.1f} s / wall; "
+        f"{f['workload']}) | {eff['value']:.2f} (untraced {eff['untraced']:.2f}) | "
+        f"{eff['goal']} | {_yes(eff)} |",
+        f"| fan-out wall time, ATLAS / langgraph-supervisor | {sup['value']:.2f} | "
+        f"{sup['goal']} | {_yes(sup)} |",
+        f"| fan-out wall time, ATLAS / CrewAI hierarchical | {crew['value']:.2f} | "
+        f"{crew['goal']} | {_yes(crew)} |",
+        f"| fan-out prompt tokens, ATLAS / langgraph-supervisor | {tok['value']:.2f} | "
+        f"{tok['goal']} | {_yes(tok)} |",
+    ]
+
+
+def _peer_table(f: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Fan-out workload ({f['workload']}), medians of interleaved runs:",
+        "",
+        "| framework | wall time | model calls | prompt tokens sent | steps answered |",
+        "|---|---|---|---|---|",
+    ]
+    names = {
+        "atlas": "ATLAS (traced, as shipped)",
+        "atlas-untraced": "ATLAS, tracing off",
+        "handwritten-langgraph": "hand-written LangGraph graph",
+    }
+    for key, row in f["frameworks"].items():
+        version = row.get("version")
+        label = names.get(key, key)
+        if version:
+            label += f" (langgraph {version})" if key.startswith("handwritten") else f" {version}"
+        lines.append(
+            f"| {label} | {row['wall_s']:.2f} s | {row['model_calls']} | "
+            f"{row['prompt_tokens']:,} | {row['steps_done']}/9 |"
+        )
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -186,6 +428,30 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| `python -m atlas --help` | {s['median_s']:.3f} s | {s['goal']} | "
             f"{'yes' if s['met'] else 'no'} |"
+        )
+        if "first_call" in s:
+            fc = s["first_call"]
+            lines.append(
+                f"| `python -m atlas run` to its first model call | "
+                f"{fc['untraced']['median_s']:.2f} s untraced, {fc['traced']['median_s']:.2f} s "
+                "traced | report | - |"
+            )
+    if "fanout" in b:
+        lines += _fanout_rows(b["fanout"])
+    if "overhead" in b:
+        o = b["overhead"]
+        pc = o["per_call_ms"]
+        lines.append(
+            f"| overhead per model call at zero latency, ATLAS untraced / hand-written LangGraph "
+            f"| {o['untraced_ratio']:.2f} ({pc['atlas-untraced']:.1f} vs "
+            f"{pc['handwritten']:.1f} ms; traced {pc['atlas-traced']:.1f} ms, "
+            f"{o['traced_ratio']:.2f}x) | <= 1.5 | {_yes(o)} |"
+        )
+    if "concurrency" in b:
+        c = b["concurrency"]
+        lines.append(
+            f"| {c['workload']}: wall / one task's | {c['ratio']:.2f} ({c['many_s']:.2f} s vs "
+            f"{c['one_s']:.2f} s) | {c['goal']} | {_yes(c)} |"
         )
     if "tracing_cost" in b:
         t = b["tracing_cost"]
@@ -203,6 +469,8 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if "memory" in b:
         lines += _memory_rows(b["memory"])
+    if "fanout" in b:
+        lines += _peer_table(b["fanout"])
     lines.append("")
     dates = sorted({str(entry.get("when") or results["when"]) for entry in b.values()})
     lines.append(f"Measured {' and '.join(dates)} on {results['machine']}.")
@@ -243,9 +511,23 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     b = results["benchmarks"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if "fanout" in b:
+        f = b["fanout"]
+        names = list(f["frameworks"])
+        walls = [f["frameworks"][n]["wall_s"] for n in names]
+        ax = axes[0]
+        ax.barh(
+            names, walls, color=["#2b6cb0" if n.startswith("atlas") else "#a0aec0" for n in names]
+        )
+        ax.axvline(f["critical_path_s"], color="#c53030", linestyle="--", label="critical path")
+        ax.set_xlabel("wall time (s)")
+        ax.set_title("Fan-out: 3 teams x 3 steps, 100 ms calls")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
     if "tracing_cost" in b:
         t = b["tracing_cost"]
+        ax = axes[1]
         ax.boxplot(
             [t["samples"]["untraced"], t["samples"]["traced"]], tick_labels=["untraced", "traced"]
         )
@@ -256,16 +538,28 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "traced": lambda a: _worker(True, a.runs, a.latency_ms),
+    "untraced": lambda a: _worker(False, a.runs, a.latency_ms),
+    "fanout-traced": lambda a: workloads.fanout(True, a.latency_ms, a.runs),
+    "fanout-untraced": lambda a: workloads.fanout(False, a.latency_ms, a.runs),
+    "concurrent": lambda a: workloads.concurrent(True, a.latency_ms, a.tasks, a.runs),
+    "first-call": lambda a: workloads.first_call(0),
+}
+"""What `--worker` runs in a fresh process; each prints one JSON line."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES))
-    parser.add_argument("--worker", choices=["traced", "untraced"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=int, default=100, help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker == "traced", args.runs, args.latency_ms)))
+        print(json.dumps(WORKERS[args.worker](args)))
         return 0
     chosen = args.only or list(BENCHES)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
