@@ -520,7 +520,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.barh(
             names, walls, color=["#2b6cb0" if n.startswith("atlas") else "#a0aec0" for n in names]
         )
-        ax.axvline(f["critical_path_s"], color="#c53030", linestyle="--", label="critical path")
+        ax.axvline(f["critical_path_s"], color="#c53030", linestyle="--", label="ATLAS critical path")
         ax.set_xlabel("wall time (s)")
         ax.set_title("Fan-out: 3 teams x 3 steps, 100 ms calls")
         ax.invert_yaxis()
