@@ -72,27 +72,6 @@ def _worker(traced: bool, runs: int, latency_ms: int) -> dict[str, Any]:
     return {"times": times, "calls": calls}
 
 
-def _spawn(traced: bool, runs: int, latency_ms: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--worker",
-            "traced" if traced else "untraced",
-            "--runs",
-            str(runs),
-            "--latency-ms",
-            str(latency_ms),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
 def bench_tracing_cost(rounds: int, latency_ms: int) -> dict[str, Any]:
     """Wall time of the same dry run traced and untraced, medians and their ratio.
 
@@ -103,7 +82,7 @@ def bench_tracing_cost(rounds: int, latency_ms: int) -> dict[str, Any]:
     calls = 0
     for n in range(rounds):
         for traced in (True, False) if n % 2 == 0 else (False, True):
-            got = _spawn(traced, 2, latency_ms)
+            got = _atlas("traced" if traced else "untraced", latency_ms, 2)
             times[traced] += got["times"]
             calls = got["calls"]
     traced_s, untraced_s = statistics.median(times[True]), statistics.median(times[False])
@@ -520,7 +499,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.barh(
             names, walls, color=["#2b6cb0" if n.startswith("atlas") else "#a0aec0" for n in names]
         )
-        ax.axvline(f["critical_path_s"], color="#c53030", linestyle="--", label="ATLAS critical path")
+        critical = f["critical_path_s"]
+        ax.axvline(critical, color="#c53030", linestyle="--", label="ATLAS critical path")
         ax.set_xlabel("wall time (s)")
         ax.set_title("Fan-out: 3 teams x 3 steps, 100 ms calls")
         ax.invert_yaxis()
