@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,23 +61,23 @@ def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     con.execute("PRAGMA busy_timeout=30000")
-    use_wal(path, lambda sql: con.execute(sql).fetchone())
+    _use_wal(con, path)
     con.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
     return con
 
 
-def use_wal(path: Path, query: Callable[[str], Any]) -> None:
+def _use_wal(con: sqlite3.Connection, path: Path) -> None:
     """Put a database in WAL mode (it stays so). Switching a new file takes an exclusive lock
     and SQLite fails it at once, without waiting, when another run has the file open: runs
     starting together on a new state directory did. So the switch happens once, under a file
     lock, and a file already in WAL mode is left alone."""
-    (mode,) = query("PRAGMA journal_mode")
+    (mode,) = con.execute("PRAGMA journal_mode").fetchone()
     if str(mode).lower() == "wal":
         return
     from atlas._process import file_lock
 
     with file_lock(path.with_name(path.name + ".lock")):
-        query("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA journal_mode=WAL")
 
 
 @dataclass
@@ -179,10 +178,6 @@ def sync_checkpointer(directory: Path) -> Iterator[Any]:
         con.close()
 
 
-_SECRET_OPTION = re.compile(r"key|token|secret|password|authorization|credential|cookie", re.I)
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.I)
-
-
 def spec_to_json(spec: Any) -> str:
     """The spec as a run record keeps it: no secrets.
 
@@ -190,7 +185,7 @@ def spec_to_json(spec: Any) -> str:
     passwords in URLs, secret environment values and key-shaped strings become `[REDACTED]`.
     `resume` takes them back from the task file (see `restore_secrets`).
     """
-    from atlas.tracing.redact import REDACTED, scrub_text, secret_values
+    from atlas.tracing.redact import REDACTED, scrub_text, secret_option, secret_values
 
     secrets = secret_values()
 
@@ -201,9 +196,9 @@ def spec_to_json(spec: Any) -> str:
         if isinstance(value, list):
             return [clean(v, name, option) for v in value]
         if isinstance(value, str):
-            if option and _SECRET_OPTION.search(name) and not name.endswith("_env"):
+            if option and secret_option(name):
                 return REDACTED
-            return scrub_text(_URL_PASSWORD.sub(rf"\1{REDACTED}@", value), secrets)
+            return scrub_text(value, secrets)
         return value
 
     return json.dumps(clean(spec.model_dump(mode="json")))

@@ -318,7 +318,6 @@ class _EmbeddedStore:
         self.client: Any = None
         self.collection: Any = None
         self.generation: str | None = None
-        self.reopens = 0
         self._thread_lock = threading.Lock()
 
     @classmethod
@@ -334,19 +333,17 @@ class _EmbeddedStore:
 
     @contextlib.contextmanager
     def use(self, *, write: bool) -> Iterator[Any]:
-        with self._thread_lock:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with file_lock(self.path / ".atlas.lock"):
-                current = self._read_generation()
-                if self.collection is None or current != self.generation:
-                    self._open()
-                yield self.collection
-                if write:
-                    current = f"{os.getpid()}:{time.time_ns()}"
-                    tmp = self.path / f".atlas-generation.{os.getpid()}"
-                    tmp.write_text(current)
-                    os.replace(tmp, self.path / ".atlas-generation")
-                self.generation = current
+        with self._thread_lock, file_lock(self.path / ".atlas.lock"):
+            current = self._read_generation()
+            if self.collection is None or current != self.generation:
+                self._open()
+            yield self.collection
+            if write:
+                current = f"{os.getpid()}:{time.time_ns()}"
+                tmp = self.path / f".atlas-generation.{os.getpid()}"
+                tmp.write_text(current)
+                os.replace(tmp, self.path / ".atlas-generation")
+            self.generation = current
 
     def _read_generation(self) -> str:
         try:
@@ -358,7 +355,6 @@ class _EmbeddedStore:
         import chromadb
 
         if self.client is not None:
-            self.reopens += 1
             with contextlib.suppress(Exception):
                 self.client.close()
             self.client = self.collection = None

@@ -211,7 +211,6 @@ BUILTIN_TOOLS: dict[str, Callable[[Workspace], BaseTool]] = {
 
 def make_tools(names: list[str], ws: Workspace, tracer: Tracer | None = None) -> list[BaseTool]:
     """The tools named by a worker definition, bound to this run's workspace (and tracer)."""
-    bound = dataclasses.replace(ws, tracer=tracer, _made={}) if tracer is not None else ws
     factories = BUILTIN_TOOLS
     tools = []
     for name in names:
@@ -221,6 +220,7 @@ def make_tools(names: list[str], ws: Workspace, tracer: Tracer | None = None) ->
         key = (name, id(tracer))
         tool = ws._made.get(key)
         if tool is None:
+            bound = ws if tracer is None else dataclasses.replace(ws, tracer=tracer, _made={})
             tool = ws._made[key] = factory(bound)
         tools.append(tool)
     return tools

@@ -1,8 +1,8 @@
 """A span processor: no secrets and no bulky payloads leave the process in a trace.
 
 - Secrets: the values of environment variables whose names look secret (`*_KEY`, `*TOKEN*`,
-  `*SECRET*`, `*PASSWORD*`) and strings shaped like provider keys (`sk-...`) are replaced by
-  `[REDACTED]` in span inputs, outputs and attributes.
+  `*SECRET*`, `*PASSWORD*`), strings shaped like provider keys (`sk-...`) and passwords in URLs
+  are replaced by `[REDACTED]` in span inputs, outputs and attributes (and in run records).
 - Size: graph-node spans carry the whole graph state by default. Any input, output or attribute
   larger than `MAX_FIELD_CHARS` is cut, so a trace stays small however long the run.
 """
@@ -20,7 +20,15 @@ log = logging.getLogger("atlas.tracing")
 MAX_FIELD_CHARS = 2500
 _SECRET_NAME = re.compile(r"(_KEY|TOKEN|SECRET|PASSWORD|_PAT)$|^(OPENAI|ANTHROPIC)_API_KEY$", re.I)
 _KEY_SHAPE = re.compile(r"\b(sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,})\b")
+_SECRET_OPTION = re.compile(r"key|token|secret|password|authorization|credential|cookie", re.I)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.I)
 REDACTED = "[REDACTED]"
+
+
+def secret_option(name: str) -> bool:
+    """Whether a provider option's name says its value is secret (`api_key`, `X-Gateway-Token`,
+    `Authorization`); `*_env` options name an environment variable, not a secret."""
+    return bool(_SECRET_OPTION.search(name)) and not name.endswith("_env")
 
 
 def secret_values() -> list[str]:
@@ -30,9 +38,11 @@ def secret_values() -> list[str]:
 
 
 def scrub_text(text: str, secrets: list[str]) -> str:
+    """Secret values, key-shaped strings and passwords in URLs replaced by `[REDACTED]`."""
     for value in secrets:
         if value in text:
             text = text.replace(value, REDACTED)
+    text = _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
     return _KEY_SHAPE.sub(REDACTED, text)
 
 
