@@ -12,6 +12,7 @@ progress event, and the run goes on without memory.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from atlas.context import RunContext
@@ -43,6 +44,21 @@ def _failed(ctx: RunContext, what: str, exc: BaseException) -> None:
     emit({"event": "memory_error", "operation": what, "error": text})
 
 
+INGEST_SHARE = 0.5
+"""At most this share of the run's remaining time goes to ingesting documents, so the run keeps
+time for its model calls; what is left is ingested by later runs."""
+
+
+def ingest_deadline(ctx: RunContext) -> float | None:
+    """When the prelude's ingest stops (monotonic), or None when the run has no time limit."""
+    limit = ctx.spec.budget.timeout_s
+    if limit is None:
+        return None
+    now = time.monotonic()
+    remaining = max(0.0, ctx.budget.started + limit - now)
+    return now + INGEST_SHARE * remaining
+
+
 def prelude(ctx: RunContext) -> dict[str, list[str]]:
     """First plan of a run: store the task's documents, then recall what earlier runs found."""
     memory = ctx.memory
@@ -56,8 +72,21 @@ def prelude(ctx: RunContext) -> dict[str, list[str]]:
                 span_type="MEMORY",
                 inputs={"documents": [str(p) for p in spec.document_paths[:50]]},
             ) as span:
-                counts = memory.ingest(spec.document_paths, spec.root)
+                counts = memory.ingest(
+                    spec.document_paths,
+                    spec.root,
+                    deadline=ingest_deadline(ctx),
+                    on_progress=emit,
+                )
                 span.set_outputs(counts)
+            if counts.get("stopped"):
+                done = counts["chunks"] - counts["skipped"]
+                message = (
+                    f"memory ingest stopped after {done} of {counts['chunks']} chunks "
+                    f"({counts['stopped']}); the rest is ingested by later runs or "
+                    "`atlas memory ingest`"
+                )
+                emit({"event": "warning", "message": message})
         recalled = recall(ctx, spec.task, name="memory.recall:planner")
         with ctx.tracer.span(
             "memory.graph_context", span_type="RETRIEVER", inputs={"text": spec.task[:500]}

@@ -16,7 +16,9 @@ from typing import Any
 
 from atlas.errors import MemoryInputError
 
-EXIT_OK, EXIT_NOT_FOUND = 0, 1
+EXIT_OK, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 130
+READING = ("search", "graph", "stats")
+"""Commands that open the stores read-only: they create and write nothing."""
 
 
 def _k(value: str) -> int:
@@ -89,7 +91,10 @@ def _open(args: argparse.Namespace, *, create: bool) -> Any:
     if local and directory.exists() and not directory.is_dir():
         raise MemoryInputError(f"--store {directory} is a file, not a directory")
     return Memory(
-        directory.resolve(), vector_url=args.vector_url or None, graph_uri=args.graph_uri or None
+        directory.resolve(),
+        vector_url=args.vector_url or None,
+        graph_uri=args.graph_uri or None,
+        read_only=args.memory_command in READING,
     )
 
 
@@ -140,10 +145,52 @@ def _files(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+class _IngestProgress:
+    """`memory: ingesting 1200/5000 chunks` on stderr while a long ingest runs (the store sends
+    an update about once a second, none for a short ingest): one line rewritten on a terminal,
+    one line per update elsewhere."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.done = 0
+        self.total: int | None = None
+        self.open_line = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.done, self.total = int(event["done"]), int(event["total"])
+        line = f"memory: ingesting {self.done}/{self.total} chunks"
+        if self.tty:
+            sys.stderr.write(f"\r{line}")
+            self.open_line = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open_line = False
+
+
 def _ingest(memory: Any, args: argparse.Namespace) -> int:
     files = _files(args.paths)
     started = time.perf_counter()
-    counts = memory.ingest(files)
+    progress = _IngestProgress()
+    try:
+        counts = memory.ingest(files, on_progress=progress)
+    except KeyboardInterrupt:
+        # Each batch is written whole before the next starts (a write in progress finishes),
+        # and the next ingest skips what is stored: nothing is lost by stopping here.
+        progress.end()
+        done = "" if progress.total is None else f" after {progress.done}/{progress.total} chunks"
+        print(
+            f"atlas: interrupted{done}; what was written is kept, and the same "
+            "`atlas memory ingest` continues from there",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    progress.end()
     took = time.perf_counter() - started
     if args.json:
         print(json.dumps({**counts, "store": memory.vector.where, "seconds": round(took, 2)}))

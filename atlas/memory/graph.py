@@ -123,28 +123,33 @@ class LadybugBackend:
     open only while it is in use (a lease shared by the process's threads): another process (a
     second run, `atlas memory ...` during a run) waits for the current operation, never for a
     whole run. `hold()` keeps it open across many operations.
+
+    `read_only` opens the file in LadybugDB's read-only mode: nothing is created or written
+    (no schema, no write-ahead log), and a read-only file can be read.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self.where = str(path)
+        self.read_only = read_only
         self._mutex = threading.Lock()
         self._write_lock = threading.Lock()
         self._db: Any = None
         self._users = 0
-        with self.write() as tx:
-            for statement in _LADYBUG_SCHEMA:
-                tx.execute(statement)
+        if not read_only:
+            with self.write() as tx:
+                for statement in _LADYBUG_SCHEMA:
+                    tx.execute(statement)
 
     @classmethod
-    def shared(cls, path: Path) -> LadybugBackend:
-        """One backend per database file per process: runs in one process share its lease and
-        its writer lock instead of opening the file twice."""
-        key = str(path.resolve())
+    def shared(cls, path: Path, *, read_only: bool = False) -> LadybugBackend:
+        """One backend per database file (and mode) per process: runs in one process share its
+        lease and its writer lock instead of opening the file twice."""
+        key = f"{path.resolve()}{' (read-only)' if read_only else ''}"
         with _shared_lock:
             backend = _shared.get(key)
             if backend is None:
-                backend = _shared[key] = cls(path)
+                backend = _shared[key] = cls(path, read_only=read_only)
             return backend
 
     def _open(self) -> Any:
@@ -152,11 +157,14 @@ class LadybugBackend:
 
         if self.path.is_dir():
             raise MemoryStoreError(f"graph store {self.path} is a directory, not a database file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + _OPEN_WAIT_S
         while True:
             try:
-                return ladybug.Database(str(self.path), buffer_pool_size=_BUFFER_POOL)
+                return ladybug.Database(
+                    str(self.path), buffer_pool_size=_BUFFER_POOL, read_only=self.read_only
+                )
             except RuntimeError as exc:
                 text = str(exc)
                 # Another process holds the file: wait for it, up to a bound.
@@ -209,6 +217,8 @@ class LadybugBackend:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Any]:
+        if self.read_only:
+            raise MemoryStoreError(f"graph store {self.where} is open for reading only")
         with self._write_lock, self._connection() as conn:
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -243,6 +253,27 @@ class _LadybugTx:
 
 def _lb_id(value: Any) -> tuple[int, int]:
     return (int(value["table"]), int(value["offset"]))
+
+
+class _EmptyBackend:
+    """A graph file that does not exist, read without creating it: it knows nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.where = str(path)
+
+    def run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return []
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        raise MemoryStoreError(f"graph store {self.where} is open for reading only")
+        yield  # pragma: no cover (a generator, for contextmanager)
+
+    def path_steps(self, nodes: Any, rels: Any) -> list[tuple[str, str, str]]:
+        return []
+
+    def close(self) -> None:
+        """Nothing is open."""
 
 
 # -- Neo4j (server) ------------------------------------------------------------------------------
@@ -329,7 +360,11 @@ def is_server_uri(uri: str | None) -> bool:
 class GraphMemory:
     """Entities and relations with provenance, on either backend."""
 
-    def __init__(self, *, path: Path | None = None, uri: str | None = None) -> None:
+    def __init__(
+        self, *, path: Path | None = None, uri: str | None = None, read_only: bool = False
+    ) -> None:
+        """`read_only`: never create or write an embedded graph (a file that does not exist
+        reads as empty). A Neo4j server is opened as usual."""
         if uri is not None and not is_server_uri(uri):
             raise MemoryStoreError(
                 f"memory.graph_uri {safe_url(uri)!r} is not a bolt:// or neo4j:// URI"
@@ -338,6 +373,7 @@ class GraphMemory:
             raise ValueError("GraphMemory needs a path or a uri")
         self._path = path
         self._uri = uri
+        self._read_only = read_only
         self._backend: Backend | None = None
         self._lock = threading.Lock()
 
@@ -353,7 +389,16 @@ class GraphMemory:
                     self._backend = Neo4jBackend(self._uri)
                 else:
                     assert self._path is not None
-                    self._backend = LadybugBackend.shared(self._path)
+                    if not self._read_only:
+                        self._backend = LadybugBackend.shared(self._path)
+                    elif self._path.is_file():
+                        self._backend = LadybugBackend.shared(self._path, read_only=True)
+                    elif self._path.exists():
+                        raise MemoryStoreError(
+                            f"graph store {self._path} is a directory, not a database file"
+                        )
+                    else:
+                        self._backend = _EmptyBackend(self._path)
             return self._backend
 
     @contextlib.contextmanager
@@ -451,9 +496,9 @@ class GraphMemory:
         b = self.backend
         return {
             "store": self.where,
-            "entities": int(b.run(COUNT_ENTITIES)[0]["n"]),
-            "relations": int(b.run(COUNT_RELATIONS)[0]["n"]),
-            "findings": int(b.run(COUNT_FINDINGS)[0]["n"]),
+            "entities": _count(b, COUNT_ENTITIES),
+            "relations": _count(b, COUNT_RELATIONS),
+            "findings": _count(b, COUNT_FINDINGS),
         }
 
     def clear(self) -> int:
@@ -468,6 +513,11 @@ class GraphMemory:
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
+
+
+def _count(backend: Backend, query: str) -> int:
+    rows = backend.run(query)
+    return int(rows[0]["n"]) if rows else 0
 
 
 __all__ = ["GraphMemory", "LadybugBackend", "Neo4jBackend", "Provenance", "is_server_uri"]

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.memory.embeddings import Embedder, get_embedder
 from atlas.memory.entities import Entities, candidate_names, normalize
 from atlas.memory.graph import GraphMemory, Provenance
-from atlas.memory.vector import Hit, Record, VectorMemory
+from atlas.memory.vector import Hit, Record, Upserted, VectorMemory
 
 if TYPE_CHECKING:
     from atlas.spec import TaskSpec
@@ -100,13 +101,21 @@ class Memory:
         vector_url: str | None = None,
         graph_uri: str | None = None,
         embedder: str | Embedder = "local",
+        read_only: bool = False,
     ) -> None:
+        """`read_only`: for reading commands; nothing is created or written, and a store that
+        does not exist reads as empty."""
         self.directory = directory
         self._embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
         self.vector = VectorMemory(
-            self._embedder, path=None if vector_url else directory / VECTOR_DIR, url=vector_url
+            self._embedder,
+            path=None if vector_url else directory / VECTOR_DIR,
+            url=vector_url,
+            read_only=read_only,
         )
-        self.graph = GraphMemory(path=None if graph_uri else directory / GRAPH_FILE, uri=graph_uri)
+        self.graph = GraphMemory(
+            path=None if graph_uri else directory / GRAPH_FILE, uri=graph_uri, read_only=read_only
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -126,26 +135,55 @@ class Memory:
         _ = self.graph.backend
 
     # -- writing ---------------------------------------------------------------------------------
-    def ingest(self, paths: Iterable[Path], root: Path | None = None) -> dict[str, int]:
+    def ingest(
+        self,
+        paths: Iterable[Path],
+        root: Path | None = None,
+        *,
+        deadline: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Chunk, embed and store text files; unchanged chunks are skipped.
 
-        Returns counts: files, chunks, written (new or changed), removed (stale chunks of files
-        that got shorter).
+        Chunks are embedded and written in batches of about a second's work. After a batch,
+        at most about once a second, `on_progress` gets `{"event": "memory_ingest", "done": n,
+        "total": N, "files": F}` (`done` counts chunks stored or found unchanged). When
+        `time.monotonic()` reaches `deadline`, ingest stops before the next batch.
+
+        Stopping is safe: every chunk has a deterministic id and its content hash is stored, so
+        the next ingest of the same files (a later run, `atlas memory ingest`) skips what was
+        written, cheaply, and continues where this one stopped. The same holds when an
+        interrupt (Ctrl-C) stops it between two batches.
+
+        Returns counts: files, chunks, written (new or changed), unchanged, removed (stale
+        chunks of files that got shorter), skipped (chunks left for a later ingest), and
+        `"stopped": "timeout"` when the deadline stopped it.
         """
         from atlas.tools.documents import TEXT_SUFFIXES
 
         files = [p for p in paths if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()]
         records: list[Record] = []
+        per_file: dict[str, int] = {}
         for path in files:
-            records += document_records(path, source_path=_display(path, root))
-        written = self.vector.upsert(records)
-        removed = 0
-        per_file = {str(p.resolve()): 0 for p in files}
-        for r in records:
-            per_file[r.path] = max(per_file[r.path], r.position)
-        for name, last in per_file.items():
-            removed += self._drop_after(name, last)
-        return {"files": len(files), "chunks": len(records), "written": written, "removed": removed}
+            chunks = document_records(path, source_path=_display(path, root))
+            per_file[str(path.resolve())] = len(chunks)
+            records += chunks
+        # Chunks past a file's new end are stale whatever else happens: drop them first.
+        removed = sum(self._drop_after(name, last) for name, last in per_file.items())
+        report = _Throttled(on_progress, files=len(files))
+        result = self.vector.upsert_until(records, deadline=deadline, on_batch=report)
+        report.final(result)
+        counts: dict[str, Any] = {
+            "files": len(files),
+            "chunks": len(records),
+            "written": result.written,
+            "unchanged": result.unchanged,
+            "removed": removed,
+            "skipped": result.skipped,
+        }
+        if result.stopped:
+            counts["stopped"] = "timeout"
+        return counts
 
     def _drop_after(self, path: str, last: int) -> int:
         return self.vector.delete_where(
@@ -217,6 +255,36 @@ class Memory:
 
     def close(self) -> None:
         self.graph.close()
+
+
+class _Throttled:
+    """Ingest progress for `on_progress`: at most about once a second, and the last count when
+    any was shown (a short ingest shows none)."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None, *, files: int) -> None:
+        self.sink = sink
+        self.files = files
+        self.last = time.monotonic()
+        self.shown = False
+
+    def _send(self, sink: Callable[[dict[str, Any]], None], tally: Upserted) -> None:
+        sink(
+            {
+                "event": "memory_ingest",
+                "done": tally.done,
+                "total": tally.total,
+                "files": self.files,
+            }
+        )
+        self.last, self.shown = time.monotonic(), True
+
+    def __call__(self, tally: Upserted) -> None:
+        if self.sink is not None and time.monotonic() - self.last >= 1.0:
+            self._send(self.sink, tally)
+
+    def final(self, tally: Upserted) -> None:
+        if self.sink is not None and self.shown:
+            self._send(self.sink, tally)
 
 
 def _display(path: Path, root: Path | None) -> str:

@@ -12,12 +12,12 @@ instead of duplicating it, and unchanged texts are not embedded again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,11 @@ from atlas.memory.embeddings import Embedder
 COLLECTION = "atlas_memory"
 KINDS = ("document", "finding", "output")
 _BATCH = 256
+"""Records whose content hashes are checked at once."""
+_EMBED_SECONDS = 1.0
+"""About how long one embedded-and-written batch takes: the grain of progress and of stopping."""
+_EMBED_MIN, _EMBED_FIRST = 8, 8
+"""The smallest batch embedded, and the first (before the pace is known)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,43 @@ class Hit:
     metadata: dict[str, Any]
 
 
+@dataclass
+class Upserted:
+    """What one `upsert_until` stored."""
+
+    total: int
+    """Distinct records given."""
+    written: int = 0
+    """New or changed, and so embedded and written."""
+    unchanged: int = 0
+    """Already stored with the same text: skipped without embedding."""
+    stopped: bool = False
+    """The deadline passed before every record was checked or written."""
+
+    @property
+    def done(self) -> int:
+        return self.written + self.unchanged
+
+    @property
+    def skipped(self) -> int:
+        """Records left for a later call (0 unless stopped)."""
+        return self.total - self.done
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _next_size(last: int, seconds: float, deadline: float | None) -> int:
+    """How many records to embed next: about `_EMBED_SECONDS` of work at the last batch's pace,
+    and no more than fit before the deadline (so a stop comes within about one batch of it)."""
+    rate = last / max(seconds, 1e-3)
+    budget = _EMBED_SECONDS
+    if deadline is not None:
+        budget = min(budget, max(0.0, deadline - time.monotonic()))
+    return max(_EMBED_MIN, min(_BATCH, int(rate * budget)))
+
+
 def _sha(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -86,12 +128,21 @@ def _settings() -> Any:
 class VectorMemory:
     """One Chroma collection of passages. Safe to share between a run's threads."""
 
-    def __init__(self, embedder: Embedder, *, path: Path | None = None, url: str | None = None):
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        path: Path | None = None,
+        url: str | None = None,
+        read_only: bool = False,
+    ):
         if path is None and url is None:
             raise ValueError("VectorMemory needs a path or a url")
         self.embedder = embedder
         self.path = path
         self.url = url
+        self.read_only = read_only
+        """Never create or write anything: a store that does not exist reads as empty."""
         self._collection: Any = None
         """A server's collection (an embedded store's lives in `_EmbeddedStore`)."""
         self._embedder_checked = False
@@ -140,14 +191,22 @@ class VectorMemory:
         """The collection, safe to use for one operation.
 
         A server needs nothing more. An embedded store is held under its cross-process lock for
-        the operation (see `_EmbeddedStore`).
+        the operation (see `_EmbeddedStore`). Read-only, a store that does not exist yet is an
+        empty one, and nothing is created.
         """
+        if write and self.read_only:
+            raise MemoryStoreError(f"vector store {self.where} is open for reading only")
         if self.url:
             with self._lock:
                 if self._collection is None:
                     try:
-                        col = self._http_client().get_or_create_collection(
-                            COLLECTION, embedding_function=None, metadata=self._metadata()
+                        client = self._http_client()
+                        col = (
+                            _get_collection(client)
+                            if self.read_only
+                            else client.get_or_create_collection(
+                                COLLECTION, embedding_function=None, metadata=self._metadata()
+                            )
                         )
                     except MemoryStoreError:
                         raise
@@ -155,12 +214,18 @@ class VectorMemory:
                         raise MemoryStoreError(
                             f"vector store {self.where} cannot be read: {_first_line(exc)}"
                         ) from None
-                    self._collection = self._checked(col)
+                    self._collection = _EMPTY if col is None else self._checked(col)
             yield self._collection
             return
         assert self.path is not None
+        if self.read_only and not _readable_store(self.path):
+            yield _EMPTY
+            return
         store = _EmbeddedStore.shared(self.path, self._metadata())
-        with store.use(write=write) as col:
+        with store.use(write=write, create=not self.read_only) as col:
+            if col is None:
+                yield _EMPTY
+                return
             if not self._embedder_checked:
                 self._checked(col)
                 self._embedder_checked = True
@@ -178,26 +243,49 @@ class VectorMemory:
 
     # -- writing -------------------------------------------------------------------------------
     def upsert(self, records: Sequence[Record]) -> int:
-        """Store records; returns how many were new or changed (and so embedded and written).
+        """Store records; returns how many were new or changed (and so embedded and written)."""
+        return self.upsert_until(records).written
 
-        Embedding the next batch overlaps with Chroma writing the previous one.
+    def upsert_until(
+        self,
+        records: Sequence[Record],
+        *,
+        deadline: float | None = None,
+        on_batch: Callable[[Upserted], None] | None = None,
+    ) -> Upserted:
+        """Store records in batches, stopping before a batch when `deadline` (monotonic) is past.
+
+        Unchanged records (same id, same content hash) are skipped without embedding them. The
+        changed ones are embedded in batches of about a second's work, each written before the
+        next starts, so a stop keeps every record counted as written: storing the same records
+        again later skips those and goes on with the rest. `on_batch` gets the counts so far
+        after each batch.
         """
         unique = list({r.id: r for r in records}.values())
-        written = 0
-        pending: Future[None] | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-chroma") as pool:
-            for start in range(0, len(unique), _BATCH):
-                batch = self._changed(unique[start : start + _BATCH])
-                if not batch:
-                    continue
-                vectors = self.embedder.embed([r.text for r in batch])
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(self._write, batch, vectors)
-                written += len(batch)
-            if pending is not None:
-                pending.result()
-        return written
+        tally = Upserted(total=len(unique))
+        size = _EMBED_FIRST
+        for start in range(0, len(unique), _BATCH):
+            if _past(deadline):
+                break
+            checked = unique[start : start + _BATCH]
+            changed = self._changed(checked)
+            tally.unchanged += len(checked) - len(changed)
+            at = 0
+            while at < len(changed) and not _past(deadline):
+                batch = changed[at : at + size]
+                began = time.monotonic()
+                self._write(batch, self.embedder.embed([r.text for r in batch]))
+                tally.written += len(batch)
+                at += len(batch)
+                size = _next_size(len(batch), time.monotonic() - began, deadline)
+                if on_batch is not None:
+                    on_batch(tally)
+            if at < len(changed):
+                break
+            if not changed and on_batch is not None:
+                on_batch(tally)
+        tally.stopped = tally.done < tally.total
+        return tally
 
     def _write(self, batch: list[Record], vectors: Any) -> None:
         with self._use(write=True) as col:
@@ -244,6 +332,9 @@ class VectorMemory:
         where: dict[str, Any] | None = (
             None if not filters else filters[0] if len(filters) == 1 else {"$and": filters}
         )
+        with self._use(write=False) as col:
+            if col is _EMPTY:
+                return [[] for _ in queries]
         vectors = self.embedder.embed(list(queries))
         with self._use(write=False) as col:
             res = col.query(
@@ -332,18 +423,24 @@ class _EmbeddedStore:
             return store
 
     @contextlib.contextmanager
-    def use(self, *, write: bool) -> Iterator[Any]:
-        with self._thread_lock, file_lock(self.path / ".atlas.lock"):
+    def use(self, *, write: bool, create: bool = True) -> Iterator[Any]:
+        """The collection under the store's lock; None when it does not exist and `create` is
+        false (then nothing is created: no lock file, no collection)."""
+        lock = file_lock(self.path / ".atlas.lock") if create else _shared_lock(self.path)
+        with self._thread_lock, lock:
             current = self._read_generation()
             if self.collection is None or current != self.generation:
-                self._open()
-            yield self.collection
-            if write:
-                current = f"{os.getpid()}:{time.time_ns()}"
-                tmp = self.path / f".atlas-generation.{os.getpid()}"
-                tmp.write_text(current)
-                os.replace(tmp, self.path / ".atlas-generation")
-            self.generation = current
+                self._open(create=create)
+            try:
+                yield self.collection
+            finally:
+                # Also when the write was interrupted: others reopen rather than miss it.
+                if write:
+                    current = f"{os.getpid()}:{time.time_ns()}"
+                    tmp = self.path / f".atlas-generation.{os.getpid()}"
+                    tmp.write_text(current)
+                    os.replace(tmp, self.path / ".atlas-generation")
+                self.generation = current
 
     def _read_generation(self) -> str:
         try:
@@ -351,7 +448,7 @@ class _EmbeddedStore:
         except FileNotFoundError:
             return ""
 
-    def _open(self) -> None:
+    def _open(self, *, create: bool) -> None:
         import chromadb
 
         if self.client is not None:
@@ -360,10 +457,16 @@ class _EmbeddedStore:
             self.client = self.collection = None
         try:
             client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
-            self.collection = client.get_or_create_collection(
-                COLLECTION, embedding_function=None, metadata=self.metadata
+            self.collection = (
+                client.get_or_create_collection(
+                    COLLECTION, embedding_function=None, metadata=self.metadata
+                )
+                if create
+                else _get_collection(client)
             )
         except Exception as exc:
+            if "readonly database" in str(exc):
+                raise MemoryStoreError(_read_only_message(self.path)) from None
             raise MemoryStoreError(
                 f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
                 f"{_first_line(exc)}"
@@ -375,9 +478,66 @@ _stores: dict[str, _EmbeddedStore] = {}
 _stores_lock = threading.Lock()
 
 
+class _EmptyCollection:
+    """What a store that does not exist holds, for reading without creating it."""
+
+    metadata: dict[str, str] = {}  # noqa: RUF012 (never mutated)
+
+    def count(self) -> int:
+        return 0
+
+    def get(self, ids: Sequence[str] | None = None, **_: Any) -> dict[str, list[Any]]:
+        return {"ids": [], "metadatas": [], "documents": []}
+
+
+_EMPTY: Any = _EmptyCollection()
+
+
+def _get_collection(client: Any) -> Any:
+    """ATLAS's collection, or None when the store has none (nothing is created)."""
+    if COLLECTION not in {getattr(c, "name", c) for c in client.list_collections()}:
+        return None
+    return client.get_collection(COLLECTION, embedding_function=None)
+
+
+def _read_only_message(path: Path) -> str:
+    return (
+        f"vector store {path} is read-only, and Chroma cannot open a store without writing to "
+        "it: make it writable, or copy it and pass --store COPY"
+    )
+
+
+def _readable_store(path: Path) -> bool:
+    """Whether an embedded store exists at `path` (False: it reads as empty). Raises
+    MemoryStoreError when it does but cannot be opened without write access."""
+    if path.exists() and not path.is_dir():
+        raise MemoryStoreError(f"vector store {path} is a file, not a directory")
+    database = path / "chroma.sqlite3"
+    if not database.exists():
+        return False
+    if not (os.access(path, os.W_OK) and os.access(database, os.W_OK)):
+        raise MemoryStoreError(_read_only_message(path))
+    return True
+
+
+@contextlib.contextmanager
+def _shared_lock(path: Path) -> Iterator[None]:
+    """A reader's hold on a store's lock: waits for a writer, creates no lock file."""
+    try:
+        fd = os.open(path / ".atlas.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        yield  # no ATLAS process has written here
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
 
-__all__ = ["COLLECTION", "KINDS", "Hit", "Record", "VectorMemory", "safe_url"]
+__all__ = ["COLLECTION", "KINDS", "Hit", "Record", "Upserted", "VectorMemory", "safe_url"]
