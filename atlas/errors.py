@@ -62,3 +62,44 @@ class ToolError(AtlasError):
 
     Tools return the message to the model instead of failing the run.
     """
+
+
+class RunLocked(AtlasError):
+    """Another process is running (or resuming) this run right now (exit code 2)."""
+
+    exit_code = 2
+
+
+class RunInterrupted(AtlasError):
+    """The run was interrupted (Ctrl-C, SIGTERM): model calls that had not started are refused
+    with this; the run stays resumable (exit code 130)."""
+
+    exit_code = 130
+
+
+class StateError(AtlasError):
+    """A file in the state directory cannot be used: corrupt, a directory, unreadable (exit
+    code 3). The message names the file and what to do (`python -m atlas doctor`)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None, corrupt: bool = False) -> None:
+        self.path = path
+        self.corrupt = corrupt  # SQLite found the file damaged (not a database, malformed)
+        super().__init__(message)
+
+
+class AmbiguousRun(AtlasError):
+    """A run id prefix matches several runs; the message lists them (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, prefix: str, candidates: list[str]) -> None:
+        self.prefix = prefix
+        self.candidates = candidates
+        shown = ", ".join(candidates[:10])
+        more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+        super().__init__(
+            f"run id prefix {prefix!r} matches {len(candidates)} runs: {shown}{more}; "
+            "give more of the id"
+        )

@@ -3,6 +3,10 @@
 `runs.db` holds one row per run: what `python -m atlas runs` lists and `resume` reads. LangGraph's
 checkpoints live in `checkpoints.db` beside it. Both use SQLite in WAL mode so concurrent runs can
 share them.
+
+A state file SQLite cannot use (corrupt, a directory, unreadable) is a one-line `StateError`
+naming it; `python -m atlas doctor` moves a corrupt one aside (`atlas/doctor.py`). Reading
+commands open `runs.db` read-only and create nothing: no directory, table or WAL file.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from atlas.errors import RunNotFound
+from atlas.errors import AmbiguousRun, RunNotFound, SpecError, StateError
 
 STATE_DIR_ENV = "ATLAS_STATE_DIR"
 
@@ -45,9 +50,63 @@ CREATE TABLE IF NOT EXISTS runs (
 
 
 def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """`--state-dir`, else `$ATLAS_STATE_DIR`, else `./.atlas`."""
+    """`--state-dir`, else `$ATLAS_STATE_DIR`, else `./.atlas`.
+
+    Nothing is created here. A path that is (or lies under) a file is a SpecError (exit 2)."""
+    from_env = not explicit and bool(os.environ.get(STATE_DIR_ENV))
     chosen = explicit or os.environ.get(STATE_DIR_ENV) or ".atlas"
-    return Path(chosen).expanduser().resolve()
+    field = STATE_DIR_ENV if from_env else "--state-dir"
+    try:
+        path = Path(chosen).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SpecError(f"{chosen!s} is not a usable path ({exc})", field=field) from None
+    # The nearest part that exists must be a directory (`file.txt/sub` fails on mkdir too).
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise SpecError(f"{part} is a file, not a directory", field=field)
+            break
+    return path
+
+
+# SQLite's primary result codes that mean "this file is not usable as a database".
+_CORRUPT, _NOTADB, _CANTOPEN, _READONLY, _PERM = 11, 26, 14, 8, 3
+
+
+def state_error(path: Path, exc: sqlite3.Error) -> StateError | None:
+    """The one-line error for a state file SQLite cannot use, or None for other failures
+    (locked, disk full, ...), which keep their own error."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (_CORRUPT, _NOTADB):
+        return StateError(
+            f"{path} is corrupt ({exc}); run `python -m atlas doctor` to move it aside",
+            path=str(path),
+            corrupt=True,
+        )
+    if code not in (_CANTOPEN, _READONLY, _PERM):
+        return None
+    if path.is_dir():
+        why = "is a directory, not a database file; move it away"
+    elif path.exists() and not os.access(path, os.R_OK):
+        why = "cannot be read (permission denied); fix its permissions"
+    elif code == _READONLY or (path.exists() and not os.access(path, os.W_OK)):
+        why = f"cannot be written ({exc}); make it and its directory writable"
+    else:
+        why = f"cannot be opened ({exc})"
+    return StateError(f"{path} {why}", path=str(path))
+
+
+@contextmanager
+def guard_state(path: Path) -> Iterator[None]:
+    """Turn SQLite's "not a database", "malformed", "unable to open" raised inside the block
+    into a StateError naming `path`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        error = state_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 SYNCHRONOUS = "NORMAL"
@@ -58,11 +117,41 @@ fan-out benchmark found those fsyncs on the run's critical path."""
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    """A connection for writing (WAL, busy timeout). Creates the directory and the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-    con.execute("PRAGMA busy_timeout=30000")
-    _use_wal(con, path)
-    con.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    with guard_state(path):
+        con = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            con.execute("PRAGMA busy_timeout=30000")
+            _use_wal(con, path)
+            con.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+        except BaseException:
+            con.close()
+            raise
+    return con
+
+
+def connect_readonly(path: Path, *, immutable: bool | None = None) -> sqlite3.Connection:
+    """A connection that cannot write and creates nothing: no directory, no WAL files.
+
+    `mode=ro` on a WAL database creates `-wal` and `-shm` beside it, and fails in a directory
+    it cannot write to ("attempt to write a readonly database"; measured). When no `-wal` file
+    exists every commit is in the main file, so it is opened `immutable=1` (no locks, no side
+    files). When one exists its commits are needed, and `mode=ro` uses the files already there.
+    The caller retries with `immutable=False` if an immutable read fails (a writer may have
+    checkpointed into the file meanwhile)."""
+    if immutable is None:
+        immutable = not path.with_name(path.name + "-wal").exists()
+    query = "immutable=1" if immutable else "mode=ro"
+    uri = f"file:{urllib.parse.quote(str(path))}?{query}"
+    with guard_state(path):
+        con = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+        try:
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA query_only=1")
+        except BaseException:
+            con.close()
+            raise
     return con
 
 
@@ -101,8 +190,14 @@ class RunRecord:
     pid: int | None = None
 
 
+_COLUMNS = tuple(f.name for f in fields(RunRecord))
+
+
 class RunStore:
-    """Run records in `<state dir>/runs.db`."""
+    """Run records in `<state dir>/runs.db`.
+
+    `start` and `update` create the directory and the file; `get`, `resolve`, `list` and
+    `latest` only read (see `connect_readonly`) and never create anything."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -112,19 +207,71 @@ class RunStore:
     def _db(self) -> Iterator[sqlite3.Connection]:
         con = connect(self.path)
         try:
-            con.execute(_SCHEMA)
-            yield con
+            with guard_state(self.path):
+                con.execute(_SCHEMA)
+                yield con
+        finally:
+            con.close()
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Rows of one query on a read-only connection; [] when there is no runs.db or no
+        table yet."""
+        if not self.path.exists() and not self.path.is_symlink():
+            return []
+        try:
+            return self._query(sql, params, immutable=None)
+        except StateError as first:
+            if not first.corrupt or not self.path.with_name("runs.db-wal").exists():
+                raise
+            # An immutable read can catch a file a writer (it made the -wal file) is
+            # checkpointing into at that moment; a normal read-only open settles whether the
+            # file is really corrupt. With no writer, the first answer stands.
+            try:
+                return self._query(sql, params, immutable=False)
+            except StateError:
+                raise first from None
+
+    def _query(
+        self, sql: str, params: tuple[Any, ...], *, immutable: bool | None
+    ) -> list[sqlite3.Row]:
+        con = connect_readonly(self.path, immutable=immutable)
+        try:
+            with guard_state(self.path):
+                con.row_factory = sqlite3.Row
+                return list(con.execute(sql, params).fetchall())
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
         finally:
             con.close()
 
     def start(self, record: RunRecord) -> None:
-        fields = record.__dict__
+        values = record.__dict__
         with self._db() as con:
             con.execute(
-                f"INSERT OR REPLACE INTO runs ({', '.join(fields)}) "
-                f"VALUES ({', '.join('?' * len(fields))})",
-                list(fields.values()),
+                f"INSERT OR REPLACE INTO runs ({', '.join(values)}) "
+                f"VALUES ({', '.join('?' * len(values))})",
+                list(values.values()),
             )
+
+    def restore(self, records: Iterable[RunRecord]) -> int:
+        """Insert records kept from a damaged runs.db (`atlas doctor`); a run already here
+        (started since) is left as it is. Returns how many were added. Creates the file even
+        when there are none."""
+        added = 0
+        with self._db() as con:
+            con.execute("BEGIN")
+            for record in records:
+                values = record.__dict__
+                cursor = con.execute(
+                    f"INSERT OR IGNORE INTO runs ({', '.join(values)}) "
+                    f"VALUES ({', '.join('?' * len(values))})",
+                    list(values.values()),
+                )
+                added += cursor.rowcount
+            con.execute("COMMIT")
+        return added
 
     def update(self, run_id: str, **values: Any) -> None:
         if not values:
@@ -133,32 +280,59 @@ class RunStore:
         with self._db() as con:
             con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*values.values(), run_id])
 
+    def resolve(self, run_id: str) -> RunRecord:
+        """The run with this exact id, else the one run whose id starts with `run_id`.
+
+        Never a pattern: `%` and `_` are plain characters, and an empty or blank id matches
+        nothing. Several runs sharing the prefix raise AmbiguousRun (listing them); none,
+        RunNotFound. Whether a prefix was matched: `matched_prefix(run_id, record)`."""
+        missing = RunNotFound(f"no run {run_id!r} in {self.directory} (see `python -m atlas runs`)")
+        if not run_id.strip():
+            raise missing
+        rows = self._read("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            rows = self._read(
+                "SELECT * FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 "
+                "ORDER BY started_at DESC LIMIT 11",
+                (run_id,),
+            )
+            # SQLite's substr counts characters as Python does; checked again in Python.
+            rows = [r for r in rows if str(r["run_id"]).startswith(run_id)]
+        if not rows:
+            raise missing
+        if len(rows) > 1:
+            everyone = self._read(
+                "SELECT run_id FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 "
+                "ORDER BY started_at DESC",
+                (run_id,),
+            )
+            raise AmbiguousRun(run_id, [str(r["run_id"]) for r in everyone])
+        return _record(rows[0])
+
     def get(self, run_id: str) -> RunRecord:
-        with self._db() as con:
-            con.row_factory = sqlite3.Row
-            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is None:
-                row = con.execute(
-                    "SELECT * FROM runs WHERE run_id LIKE ? ORDER BY started_at DESC",
-                    (f"{run_id}%",),
-                ).fetchone()
-        if row is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.directory} (see `python -m atlas runs`)")
-        return RunRecord(**dict(row))
+        """`resolve`: an exact id or a unique prefix."""
+        return self.resolve(run_id)
 
     def list(self, limit: int = 50) -> list[RunRecord]:
-        if not self.path.exists():
-            return []
-        with self._db() as con:
-            con.row_factory = sqlite3.Row
-            rows = con.execute(
-                "SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [RunRecord(**dict(r)) for r in rows]
+        rows = self._read("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", (limit,))
+        return [_record(r) for r in rows]
 
     def latest(self) -> RunRecord | None:
         runs = self.list(limit=1)
         return runs[0] if runs else None
+
+
+def _record(row: sqlite3.Row) -> RunRecord:
+    data = dict(row)
+    values: dict[str, Any] = {k: data.get(k) for k in _COLUMNS}
+    return RunRecord(**values)
+
+
+def matched_prefix(asked: str, record: RunRecord) -> str | None:
+    """The note to print when `asked` was a prefix of the run's id, else None."""
+    if record.run_id == asked:
+        return None
+    return f"resuming run {record.run_id} (matched prefix {asked})"
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -169,11 +343,14 @@ def checkpoint_path(directory: Path) -> Path:
 def sync_checkpointer(directory: Path) -> Iterator[Any]:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    con = connect(checkpoint_path(directory))
+    path = checkpoint_path(directory)
+    con = connect(path)
     try:
-        saver = SqliteSaver(con)
-        saver.setup()
-        yield saver
+        # Also around the run itself: a file damaged past its first page fails mid-run.
+        with guard_state(path):
+            saver = SqliteSaver(con)
+            saver.setup()
+            yield saver
     finally:
         con.close()
 
