@@ -3,6 +3,9 @@
 On a terminal: a live table of the plan's steps (waiting, running, done) under the iteration and the
 judge's last verdict. Elsewhere (pipes, CI, `--json`): one line per event, on stderr with `--json`
 so stdout stays machine-readable.
+
+No line shows a secret: models are shown in their public form (`public_model`) and every line
+is scrubbed of known secret values, secret-named query options and passwords in URLs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from atlas.tracing.redact import public_model, scrub_text, secret_values
 
 _ICON = {"waiting": "·", "running": "▶", "done": "✔", "stopped": "■", "budget_exhausted": "$"}
 
@@ -48,9 +53,9 @@ class Progress:
         kind = event.get("event")
         line: str | None = None
         if kind == "start":
-            models = sorted(set(event.get("models", {}).values()))
+            models = sorted({public_model(str(m)) for m in event.get("models", {}).values()})
             verb = "resuming" if event.get("resumed") else "run"
-            self.header = f"{verb} {event['run_id']} · model {', '.join(models)}"
+            self.header = _clean(f"{verb} {event['run_id']} · model {', '.join(models)}")
             line = self.header
         elif kind == "plan":
             self.iteration = event["iteration"]
@@ -91,9 +96,14 @@ class Progress:
         elif kind == "budget_stop":
             line = f"budget stop: {event.get('limit')}"
         elif kind == "finalize":
-            line = f"finalize: {event['status']} -> {event['output']}"
+            where = event["output"] or "no output written"
+            line = f"finalize: {event['status']} -> {where}"
+        elif kind == "memory_ingest":
+            line = f"memory: ingesting {event['done']}/{event['total']} chunks"
         elif kind == "warning":
             line = f"warning: {event.get('message')}"
+        if line:
+            line = _clean(line)
         if self.live is not None:
             if kind == "warning" and line:
                 self.live.console.print(line)
@@ -112,7 +122,7 @@ class Progress:
                 sid,
                 step.get("team", ""),
                 " → ".join(step.get("workers", [])),
-                step.get("instruction", ""),
+                _clean(step.get("instruction", "")),
             )
         parts: list[Any] = [Text(self.header, style="bold")]
         if self.iteration:
@@ -122,8 +132,10 @@ class Progress:
             mark = "passed" if self.verdict.get("passed") else "failed"
             parts.append(
                 Text(
-                    f"judge: {mark} (score {self.verdict.get('score')}): "
-                    f"{self.verdict.get('feedback', '')}"
+                    _clean(
+                        f"judge: {mark} (score {self.verdict.get('score')}): "
+                        f"{self.verdict.get('feedback', '')}"
+                    )
                 )
             )
         return Group(*parts)
@@ -151,7 +163,7 @@ class Progress:
             ("cost", cost),
             ("wall time", f"{result.wall_s:.1f} s"),
             ("output", str(result.output)),
-            ("models", ", ".join(sorted(set(result.models.values())))),
+            ("models", ", ".join(sorted({public_model(str(m)) for m in result.models.values()}))),
         ]
         if result.score is not None:
             rows.insert(1, ("judge score", f"{result.score:.2f}"))
@@ -161,8 +173,13 @@ class Progress:
         else:
             rows.append(("trace", "tracing is off"))
         for key, value in rows:
-            table.add_row(key, value)
+            table.add_row(key, _clean(value))
         console.print(table)
+
+
+def _clean(text: str) -> str:
+    """A console line with no secret in it."""
+    return scrub_text(text, secret_values())
 
 
 def runs_table(records: list[Any]) -> None:

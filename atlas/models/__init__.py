@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from atlas.errors import ModelConfigError
 from atlas.spec import ModelSpec, parse_model_string
+from atlas.tracing.redact import (
+    public_model,
+    register_secret,
+    register_secrets,
+    scrub_text,
+    secret_option,
+    secret_values,
+)
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -35,10 +43,32 @@ def default_model_spec() -> ModelSpec:
     return ModelSpec(model=DEFAULT_LOCAL)
 
 
+_KEY_OPTIONS = ("api_key", "openai_api_key", "anthropic_api_key")
+"""Options that give a provider's key outright (LangChain takes each of these names)."""
+
+
+def _raw_query(model: str) -> dict[str, str]:
+    """A model string's query options as written (no JSON coercion: a key of digits stays text)."""
+    query = model.partition("?")[2]
+    pairs = (pair.partition("=") for pair in query.split("&") if pair)
+    return {name: value for name, sep, value in pairs if sep and name}
+
+
 def resolve_model(spec: ModelSpec, servers: list[Any] | None = None) -> BaseChatModel:
-    """Build the LangChain chat model for one spec. Local servers started are added to `servers`."""
+    """Build the LangChain chat model for one spec. Local servers started are added to `servers`.
+
+    Every secret given here (a secret-named option in the model string or `params`, a password
+    in `base_url`, the value of `api_key_env`) is registered with `register_secret` first, so no
+    span, record or console line of this process shows it. A key given in the options is the key
+    sent; `api_key_env` and the provider's environment variable are used only without one."""
     provider, name, params = parse_model_string(spec.model)
+    raw = _raw_query(spec.model)
+    params.update({k: raw[k] for k in params if secret_option(k) and k in raw})
     options: dict[str, Any] = {**params, **spec.params}
+    register_secrets(options)
+    if spec.base_url:
+        register_secrets({"base_url": spec.base_url})
+    public = public_model(spec.model)
     if provider == "scripted":
         from atlas.testing import ScriptedModel
 
@@ -58,18 +88,26 @@ def resolve_model(spec: ModelSpec, servers: list[Any] | None = None) -> BaseChat
         options["timeout"] = spec.timeout_s
     if spec.base_url:
         options["base_url"] = spec.base_url
-    if spec.api_key_env:
+    given = [k for k in _KEY_OPTIONS if options.get(k) not in (None, "")]
+    if len(given) > 1:
+        raise ModelConfigError(f"model {public}: give the key once, not as {' and '.join(given)}")
+    # A key given in the model string or params is the key sent; only without one do the
+    # environment and the keyless self-hosted default come in.
+    if not given and spec.api_key_env:
         key = os.environ.get(spec.api_key_env)
         if not key:
             raise ModelConfigError(
-                f"model {spec.model}: environment variable {spec.api_key_env} is not set"
+                f"model {public}: environment variable {spec.api_key_env} is not set"
             )
+        register_secret(key)
         options["api_key"] = key
-    else:
+    elif not given:
         env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}[provider]
         if not os.environ.get(env):
-            if not spec.base_url:
-                raise ModelConfigError(f"model {spec.model} needs {env} to be set (or api_key_env)")
+            if not spec.base_url and "base_url" not in options:
+                raise ModelConfigError(
+                    f"model {public} needs {env} to be set (or api_key_env, or api_key)"
+                )
             # A self-hosted OpenAI-compatible server (vLLM, Ollama, llama.cpp) needs no key.
             options["api_key"] = "not-needed"
     options.setdefault("max_retries", 0)  # retries are ATLAS's, see atlas.models.calls
@@ -78,7 +116,7 @@ def resolve_model(spec: ModelSpec, servers: list[Any] | None = None) -> BaseChat
     try:
         return init_chat_model(name, model_provider=provider, **options)
     except ImportError as exc:
-        raise ModelConfigError(f"model {spec.model}: {exc}") from None
+        raise ModelConfigError(f"model {public}: {scrub_text(str(exc), secret_values())}") from None
 
 
 @dataclass
@@ -130,9 +168,11 @@ class ModelRoles:
             release(server)
 
     def label(self, role: str) -> str:
-        return self.spec_for(role).model
+        """The role's model as it may be shown and stored (`public_model`: no secrets)."""
+        return public_model(self.spec_for(role).model)
 
     def describe(self) -> dict[str, str]:
+        """Role -> public model label, for progress lines, summaries, records and traces."""
         roles = ["planner", "judge", "supervisor", *(f"team:{t}" for t in self.spec.teams)]
         if self.spec.memory.enabled and self.spec.memory.extract_entities:
             roles.append("memory")
@@ -144,5 +184,7 @@ def check_override(value: str) -> str:
     try:
         parse_model_string(value)
     except ValueError as exc:
-        raise ModelConfigError(str(exc)) from None
+        # The parser quotes the value, which may hold a key: the message shows the public form.
+        message = str(exc).replace(value, public_model(value))
+        raise ModelConfigError(scrub_text(message, secret_values())) from None
     return value

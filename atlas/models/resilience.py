@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atlas.errors import AtlasError, ModelConfigError
+from atlas.tracing.redact import public_model
 
 BASE_DELAY_S = 0.5
 MAX_DELAY_S = 20.0
@@ -127,7 +128,7 @@ def attempts(
             failure = classify(error)
             if failure is None:
                 raise error
-            last = f"{spec.model}: {failure.reason}: {_short(error)}"
+            last = f"{public_model(spec.model)}: {failure.reason}: {_short(error)}"
             if not failure.retryable or number >= spec.max_retries:
                 break
             delay = backoff(number, failure.retry_after)
@@ -137,7 +138,7 @@ def attempts(
                 "retry",
                 {
                     "role": role,
-                    "model": spec.model,
+                    "model": public_model(spec.model),
                     "attempt": number + 1,
                     "reason": failure.reason,
                     "delay_s": round(delay, 3),
@@ -147,7 +148,12 @@ def attempts(
         if index + 1 < len(chain):
             yield Notice(
                 "fallback",
-                {"role": role, "from": spec.model, "to": chain[index + 1].model, "reason": last},
+                {
+                    "role": role,
+                    "from": public_model(spec.model),
+                    "to": public_model(chain[index + 1].model),
+                    "reason": last,
+                },
             )
     raise ProviderError(f"every model for {role} failed; last: {last}")
 
