@@ -8,12 +8,15 @@ Errors are one line on stderr, never a traceback (set ATLAS_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 EXIT_PASSED, EXIT_NOT_PASSED, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     state(run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
-    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument("run_id", metavar="RUN_ID", help="a run id, or a unique prefix of one")
+    resume.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="model for every role (needed again when the run's --model held a secret)",
+    )
     resume.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     resume.add_argument("--quiet", action="store_true", help="no live progress")
     state(resume)
@@ -71,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     from atlas.memory.cli import add_parser as add_memory
 
     add_memory(sub, state)
+
+    from atlas.doctor import add_parser as add_doctor
+
+    add_doctor(sub, state)
     return parser
 
 
@@ -102,6 +114,10 @@ def _fail(exc: BaseException) -> int:
         import traceback
 
         traceback.print_exception(exc)
+    full = _disk_full(exc)
+    if full is not None:
+        print(f"atlas: error: {full}", file=sys.stderr)
+        return EXIT_FAILURE
     if isinstance(exc, AtlasError):
         # One line, whatever the input held (a newline or carriage return in a path or query).
         print(f"atlas: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -109,6 +125,31 @@ def _fail(exc: BaseException) -> int:
     text = " ".join(str(exc).split())[:300]
     print(f"atlas: error: {type(exc).__name__}: {text}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+_DISK_FULL = ("database or disk is full", "no space left on device", "disk i/o error")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The one line for an error caused by a full disk (an OSError with ENOSPC or EDQUOT, or
+    SQLite's own words for it, anywhere in the exception's chain), else None."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        where = ""
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {current.filename}" if current.filename else ""
+            return f"the disk is full (no space left on device{where}); free some space and resume"
+        text = str(current).lower()
+        if any(words in text for words in _DISK_FULL):
+            return (
+                "the disk is full or failing (SQLite could not write); free some space and resume"
+            )
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -119,11 +160,15 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from atlas.spec import load_task
+    from atlas.spec import indexed_documents, input_warnings, load_task
 
     spec = load_task(args.file)
-    docs, data = len(spec.document_paths), len(spec.data_paths)
-    print(f"{args.file}: ok ({len(spec.teams)} teams, {docs} documents, {data} data files)")
+    warnings = input_warnings(spec)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    docs, data = len(indexed_documents(spec)), len(spec.data_paths)
+    noted = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+    print(f"{args.file}: ok ({len(spec.teams)} teams, {docs} documents, {data} data files{noted})")
     return 0
 
 
@@ -154,9 +199,45 @@ def _run(spec: Any, args: argparse.Namespace, on_event: Any) -> Any:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from atlas.runner import resume
 
+    if args.model:
+        from atlas.models import check_override
+
+        check_override(args.model)
+    from atlas.runs import RunStore, matched_prefix, state_dir
+
+    record = RunStore(state_dir(args.state_dir)).resolve(args.run_id)
+    note = matched_prefix(args.run_id, record)
+    if note:
+        print(f"atlas: {note}", file=sys.stderr)
     return _execute(
-        args, lambda on_event: resume(args.run_id, state_dir_path=args.state_dir, on_event=on_event)
+        args,
+        lambda on_event: resume(
+            record.run_id, state_dir_path=args.state_dir, on_event=on_event, model=args.model
+        ),
     )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as an interrupt (exit 143)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """The first SIGINT or SIGTERM stops the run: runs refuse further model calls and the
+    interrupt unwinds, writing the record and the partial output. Signals that arrive while
+    that clean-up runs are noted, not raised, so the clean-up is never cut half-way (a second
+    Ctrl-C used to crash the checkpointer mid-write)."""
+    from atlas.runner import cancel_active
+
+    signal.signal(signal.SIGINT, _while_stopping)
+    signal.signal(signal.SIGTERM, _while_stopping)
+    from atlas.errors import RunInterrupted
+
+    cancel_active(RunInterrupted("interrupted"))
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _while_stopping(signum: int, frame: Any) -> None:
+    print("atlas: stopping; saving the run's state (one moment)", file=sys.stderr, flush=True)
 
 
 def _execute(args: argparse.Namespace, start: Any) -> int:
@@ -164,24 +245,82 @@ def _execute(args: argparse.Namespace, start: Any) -> int:
     from atlas.runner import last_result
 
     progress = Progress(enabled=not args.quiet, to_stderr=args.json)
+    previous = _install_signals()
     try:
         with progress:
             result = start(progress.handle)
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        # Signals stay noted-not-raised until the process exits: the interpreter's own
+        # shutdown (joining threads, flushing stores) must not be cut either.
+        previous = None
+        _ignore_signals()
+        partial = last_result()
+        print(_interrupted_line(partial), file=sys.stderr)
+        if partial is not None and args.json:
+            print(partial.to_json(), flush=True)
+        # From here the process only exits; a signal now would cut the interpreter's shutdown
+        # (Python restores the default handlers while finalizing), so it is ignored outright.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:
+        _ignore_signals()
         code = _fail(exc)
         partial = last_result()
         if partial is not None and args.json:
             print(partial.to_json())
         elif partial is not None and partial.output:
             print(f"atlas: partial output kept at {partial.output}", file=sys.stderr)
+        from atlas.errors import StateError
+
+        stored = not isinstance(exc, StateError)
+        if partial is not None and partial.run_dir and code == EXIT_FAILURE and stored:
+            print(
+                f"atlas: the run's drafts and plan are kept in {partial.run_dir}; continue "
+                f"with `python -m atlas resume {partial.run_id}`",
+                file=sys.stderr,
+            )
         return code
+    finally:
+        _restore_signals(previous)
     if args.json:
         print(result.to_json())
     else:
         progress.summary(result)
     return EXIT_PASSED if result.passed else EXIT_NOT_PASSED
+
+
+def _install_signals() -> Any:
+    """SIGINT and SIGTERM stop a run cleanly (main thread only; elsewhere nothing changes)."""
+    try:
+        return (
+            signal.signal(signal.SIGINT, _on_signal),
+            signal.signal(signal.SIGTERM, _on_signal),
+        )
+    except ValueError:
+        return None
+
+
+def _ignore_signals() -> None:
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, _while_stopping)
+        signal.signal(signal.SIGTERM, _while_stopping)
+
+
+def _restore_signals(previous: Any) -> None:
+    if previous is None:
+        return
+    with contextlib.suppress(ValueError, TypeError):
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def _interrupted_line(partial: Any) -> str:
+    if partial is None:
+        return "atlas: interrupted before the run started"
+    kept = f"; partial output kept at {partial.output}" if partial.output else ""
+    return f"atlas: interrupted{kept}; continue with `python -m atlas resume {partial.run_id}`"
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -212,6 +351,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from atlas.doctor import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
@@ -220,4 +365,5 @@ _COMMANDS = {
     "schema": _cmd_schema,
     "ui": _cmd_ui,
     "memory": _cmd_memory,
+    "doctor": _cmd_doctor,
 }

@@ -20,8 +20,8 @@ from typing import Any, cast
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import StreamMode
 
-from atlas.context import RunContext
-from atlas.errors import AtlasError
+from atlas.context import RunContext, new_run_id
+from atlas.errors import AtlasError, RunLocked
 from atlas.models.usage import totals
 from atlas.runs import (
     SYNCHRONOUS,
@@ -35,6 +35,7 @@ from atlas.runs import (
     sync_checkpointer,
 )
 from atlas.spec import TaskSpec
+from atlas.tracing.redact import REDACTED, public_model, public_url
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -66,6 +67,13 @@ class RunResult:
     """Usage per model that answered (fallbacks included)."""
     resumed: bool = False
     error: str | None = None
+    setup_s: float | None = None
+    """Seconds of set-up before the run's own work (stores, tracing); not part of `wall_s`
+    and not counted against `timeout_s`."""
+    run_dir: str | None = None
+    """The run's own files: drafts, plan.json, the call journal."""
+    lost_calls: int = 0
+    """Model calls that a kill cut off before they answered (charged, made again on resume)."""
 
     @property
     def passed(self) -> bool:
@@ -101,7 +109,7 @@ def _new_record(ctx: RunContext, model: str | None, task_file: str | None) -> Ru
         name=ctx.spec.display_name,
         task_file=task_file,
         spec_json=spec_to_json(ctx.spec),
-        model=model,
+        model=public_model(model) if model else None,
         status="running",
         started_at=now(),
         pid=os.getpid(),
@@ -179,7 +187,7 @@ def _summarize(
         cost_usd=round(cost, 6) if isinstance(cost, float | int) else None,
         wall_s=round(wall, 3),
         trace_id=getattr(trace, "trace_id", None),
-        tracking_uri=getattr(trace, "tracking_uri", None),
+        tracking_uri=_public_uri(getattr(trace, "tracking_uri", None)),
         score=verdict.get("score"),
         stop_reason=values.get("stop_reason"),
         models=ctx.models.describe(),
@@ -187,6 +195,10 @@ def _summarize(
         by_model=by_model,
         resumed=resumed,
     )
+
+
+def _public_uri(uri: str | None) -> str | None:
+    return public_url(uri) if uri else None
 
 
 def _salvage_output(ctx: RunContext, values: dict[str, Any]) -> str | None:
@@ -212,18 +224,44 @@ def run(
     task_file: str | None = None,
     _resume: bool = False,
 ) -> RunResult:
-    """Run a task to the end (passed, failed, or a budget stop) and return its summary."""
+    """Run a task to the end (passed, failed, or a budget stop) and return its summary.
+
+    One process at a time runs a given run: a second `run`/`resume` of the same run id while
+    it runs raises `RunLocked` and does nothing.
+    """
+    begun = time.perf_counter()
     directory = state_dir(state_dir_path)
     store = RunStore(directory)
-    ctx = _prepare(spec, directory, run_id=run_id, model=model)
-    from atlas.tracing.setup import start_tracing
+    rid = run_id or new_run_id()
+    with run_lock(directory, rid):
+        ctx = _prepare(spec, directory, run_id=rid, model=model)
+        try:
+            from atlas.tracing.setup import start_tracing
 
-    ctx.tracer, trace = start_tracing(spec, directory, tracking_uri=tracking_uri, on_event=on_event)
-    if not _resume:
-        store.start(_new_record(ctx, model, task_file))
-    else:
-        store.update(ctx.run_id, status="running", pid=os.getpid())
-    started = time.perf_counter()
+            ctx.tracer, trace = start_tracing(
+                spec, directory, tracking_uri=tracking_uri, on_event=on_event
+            )
+            if not _resume:
+                store.start(_new_record(ctx, model, task_file))
+            else:
+                store.update(ctx.run_id, status="running", pid=os.getpid())
+        except BaseException:
+            ctx.close()
+            raise
+        return _execute(ctx, store, trace, directory, on_event, _resume, begun)
+
+
+def _execute(
+    ctx: RunContext,
+    store: RunStore,
+    trace: Any,
+    directory: Path,
+    on_event: EventHandler | None,
+    resumed: bool,
+    begun: float,
+) -> RunResult:
+    spec = ctx.spec
+    earlier = ctx.budget.journal.open_session() if ctx.budget.journal is not None else {}
     values: dict[str, Any] = {}
     config: RunnableConfig = {
         "configurable": {"thread_id": ctx.run_id},
@@ -239,23 +277,29 @@ def run(
             "event": "start",
             "run_id": ctx.run_id,
             "models": ctx.models.describe(),
-            "resumed": _resume,
+            "resumed": resumed,
         }
     )
     status = "error"
     error: BaseException | None = None
+    started = time.perf_counter()
+    _ACTIVE[id(ctx)] = ctx
     try:
-        with sync_checkpointer(directory) as saver, trace.root(ctx, resumed=_resume):
+        with sync_checkpointer(directory) as saver, trace.root(ctx, resumed=resumed):
             from atlas.graph import build_graph
 
             graph = build_graph(spec, checkpointer=saver, context=ctx)
             snapshot = graph.get_state(config)
-            if _resume:
+            if resumed:
                 ctx.budget.absorb(snapshot.values.get("usage"))
-            if _resume and not snapshot.next and snapshot.values.get("status"):
+                ctx.budget.absorb(_as_usage(earlier))
+            # The time limit counts the run's own work, not the set-up above.
+            started = time.perf_counter()
+            ctx.budget.start()
+            if resumed and not snapshot.next and snapshot.values.get("status"):
                 values = dict(snapshot.values)
             else:
-                graph_input = None if _resume and snapshot.values else {"task": spec.task}
+                graph_input = None if resumed and snapshot.values else {"task": spec.task}
                 stream = graph.stream(graph_input, config, context=ctx, **_STREAM)
                 for part in stream:
                     values = _consume(part, emit, values)
@@ -268,6 +312,7 @@ def run(
         error = exc
         raise
     finally:
+        _ACTIVE.pop(id(ctx), None)
         wall = time.perf_counter() - started
         with contextlib.suppress(Exception):
             if status in ("error", "interrupted") and not values:
@@ -276,18 +321,94 @@ def run(
         if status in ("error", "interrupted"):
             with contextlib.suppress(Exception):
                 salvaged = _salvage_output(ctx, values)
-        result = _summarize(ctx, values, wall, trace, _resume)
+        result = _summarize(ctx, values, wall, trace, resumed)
         result.status = status
+        result.setup_s = round(started - begun, 3)
+        result.run_dir = str(ctx.run_dir)
+        _charge_journal(ctx, result)
         if salvaged:
             result.output = salvaged
         if error is not None:
             result.error = _one_line(error)
-        store.update(ctx.run_id, **_record_fields(result))
+        with contextlib.suppress(Exception):
+            store.update(ctx.run_id, **_record_fields(result))
         ctx.close()
         trace.close(status)
         emit({"event": "end", **result.to_dict()})
         _LAST_RESULT[0] = result
     return result
+
+
+_ACTIVE: dict[int, RunContext] = {}
+"""Runs executing in this process (the CLI's signal handler cancels them)."""
+
+
+def cancel_active(exc: BaseException) -> None:
+    """Make every run in this process refuse further model calls with `exc` (an interrupt):
+    calls in flight finish, nothing new starts, so stopping is quick and leaves no half-work."""
+    for ctx in list(_ACTIVE.values()):
+        ctx.budget.cancel(exc)
+
+
+def _as_usage(spent: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run": {
+            "input_tokens": int(spent.get("tokens", 0)),
+            "output_tokens": 0,
+            "calls": int(spent.get("calls", 0)),
+            "cost_usd": float(spent.get("cost_usd", 0.0)),
+        }
+    }
+
+
+def _charge_journal(ctx: RunContext, result: RunResult) -> None:
+    """The run's totals include every call the journal saw, also those of steps a kill cut off
+    (made again on resume) and those that never answered."""
+    journal = ctx.budget.journal
+    if journal is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        spent = journal.totals()
+        result.lost_calls = int(spent["lost"])
+        if spent["calls"] > result.model_calls:
+            result.model_calls = int(spent["calls"])
+        if spent["tokens"] > result.tokens:
+            extra = int(spent["tokens"]) - result.tokens
+            result.tokens += extra
+            result.input_tokens += extra
+        if result.cost_usd is not None and spent["cost_usd"] > result.cost_usd:
+            result.cost_usd = round(float(spent["cost_usd"]), 6)
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path, run_id: str) -> Iterator[None]:
+    """Hold `runs/<id>/run.lock` while the run executes. The kernel drops the lock when its
+    process dies, even of SIGKILL, so a stale lock is simply taken over."""
+    import fcntl
+
+    path = directory / "runs" / run_id / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunLocked(
+                f"run {run_id} is already running (pid {holder}); wait for it to end, or stop "
+                "it, then resume"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fh.seek(0)
+                fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 _LAST_RESULT: list[RunResult | None] = [None]
@@ -321,14 +442,25 @@ def resume(
     """Continue an interrupted run from its last checkpoint. Finished steps are not redone."""
     directory = state_dir(state_dir_path)
     record = RunStore(directory).get(run_id)
+    if model is None and record.model and REDACTED in record.model:
+        from atlas.errors import SpecError
+
+        raise SpecError(
+            f"run {record.run_id} was started with a secret in its --model, which ATLAS does not "
+            f"store ({record.model}): pass the same --model to resume",
+            field="--model",
+        )
     spec = restore_secrets(record)
+    uri = (
+        record.tracking_uri if record.tracking_uri and REDACTED not in record.tracking_uri else None
+    )
     return run(
         spec,
         model=model or record.model,
         state_dir_path=directory,
         run_id=record.run_id,
         on_event=on_event,
-        tracking_uri=record.tracking_uri,
+        tracking_uri=uri,
         task_file=record.task_file,
         _resume=True,
     )
@@ -348,6 +480,7 @@ async def arun(
     Set-up and bookkeeping (local files, the run record, MLflow's client) run in a worker thread,
     so the event loop is never blocked by them.
     """
+    begun = time.perf_counter()
     directory = state_dir(state_dir_path)
     ctx = await asyncio.to_thread(_prepare, spec, directory, run_id=run_id, model=model)
     from atlas.tracing.setup import start_tracing
@@ -374,6 +507,10 @@ async def arun(
 
             with trace.root(ctx, resumed=False):
                 graph = build_graph(spec, checkpointer=saver, context=ctx)
+                if ctx.budget.journal is not None:
+                    await asyncio.to_thread(ctx.budget.journal.open_session)
+                started = time.perf_counter()
+                ctx.budget.start()
                 async for part in graph.astream(
                     {"task": spec.task}, config, context=ctx, **_STREAM
                 ):
@@ -383,6 +520,9 @@ async def arun(
     finally:
         result = _summarize(ctx, values, time.perf_counter() - started, trace, False)
         result.status = status
+        result.setup_s = round(started - begun, 3)
+        result.run_dir = str(ctx.run_dir)
+        _charge_journal(ctx, result)
         await asyncio.to_thread(store.update, ctx.run_id, **_record_fields(result))
         ctx.close()
         await asyncio.to_thread(trace.close, status)
@@ -395,18 +535,19 @@ async def _async_checkpointer(directory: Path) -> Any:
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    from atlas.runs import checkpoint_path
+    from atlas.runs import checkpoint_path, guard_state
 
     path = checkpoint_path(directory)
     # As the sync path (runs.connect): WAL and a busy timeout, so many runs in one process or
     # several processes can checkpoint to one file without "database is locked".
     await asyncio.to_thread(lambda: connect(path).close())
-    async with aiosqlite.connect(str(path), timeout=30) as conn:
-        await conn.execute("PRAGMA busy_timeout=30000")
-        await conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
-        saver = AsyncSqliteSaver(conn)
-        await saver.setup()
-        yield saver
+    with guard_state(path):
+        async with aiosqlite.connect(str(path), timeout=30) as conn:
+            await conn.execute("PRAGMA busy_timeout=30000")
+            await conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+            saver = AsyncSqliteSaver(conn)
+            await saver.setup()
+            yield saver
 
 
 def iter_events(spec: TaskSpec, **kwargs: Any) -> Iterator[dict[str, Any]]:

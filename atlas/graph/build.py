@@ -11,6 +11,8 @@ every step it depends on has a result.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,15 @@ def dispatch_body(state: dict[str, Any], ctx: RunContext) -> Body:
             ctx.tracer.event("budget_stop", {"limit": "max_steps"})
             emit({"event": "budget_stop", "limit": "max_steps"})
             update["stop_reason"] = reason
+    plan = state.get("plan") or []
+    done = set((state.get("results") or {}).keys())
+    cut = state.get("plan_cut")
+    if cut and not ready and plan and all(s["id"] in done for s in plan):
+        # Every step the budget let the plan keep is done; the rest was cut: that is the limit.
+        reason = f"budget exhausted: max_steps ({ctx.spec.budget.max_steps}): {cut}"
+        ctx.tracer.event("budget_stop", {"limit": "max_steps"})
+        emit({"event": "budget_stop", "limit": "max_steps"})
+        update["stop_reason"] = reason
     if not update.get("stop_reason") and not state.get("stop_reason"):
         try:
             ctx.budget.check()
@@ -129,8 +140,17 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
         with ctx.tracer.span("budget_stop", attributes={"atlas.stop_reason": stop}):
             pass
     output = current_output(state, ctx)
-    path = write_output(ctx.spec.output_path, output)
-    yield Io(store_output, (ctx, output, str(path)))
+    written: str | None = None
+    if output.strip():
+        path = write_output(ctx.spec.output_path, output)
+        written = str(path)
+        yield Io(store_output, (ctx, output, written))
+    else:
+        # Nothing was produced (a budget stop before any step finished): an earlier run's
+        # output stays as it was.
+        kept = ctx.spec.output_path
+        note = "no output produced" + (f"; {kept} left as it was" if kept.exists() else "")
+        emit({"event": "warning", "message": note})
     plan_file = ctx.run_dir / "plan.json"
     plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
     run = totals(state.get("usage"))
@@ -138,20 +158,42 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
         {
             "event": "finalize",
             "status": status,
-            "output": str(path),
+            "output": written,
             "stop_reason": stop,
             "tokens": run["tokens"],
         }
     )
-    return {"status": status, "output_path": str(path), "stop_reason": stop}
+    return {"status": status, "output_path": written, "stop_reason": stop}
+
+
+def previous_path(path: Path) -> Path:
+    """Where an output's previous version is kept: `brief.md` -> `brief.previous.md`."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def write_output(path: Path, text: str) -> Path:
-    """Write atomically: a crash mid-write never leaves a half-written output file."""
+    """Write atomically (a temporary file, then a rename): a crash mid-write never leaves a
+    half-written output. An existing output with other content is kept beside it first, as
+    `<stem>.previous<suffix>`, so a run never destroys what an earlier run delivered."""
+    body = text if text.endswith("\n") else text + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    if path.is_symlink():
+        raise OSError(f"{path} is a symlink; ATLAS does not write through links")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(body, encoding="utf-8")
+        if path.is_file() and path.read_bytes() != body.encode("utf-8"):
+            keep = previous_path(path)
+            staged = keep.with_name(f".{keep.name}.{os.getpid()}.tmp")
+            staged.unlink(missing_ok=True)
+            try:
+                os.link(path, staged)
+            except OSError:
+                shutil.copy2(path, staged)
+            staged.replace(keep)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,6 +27,8 @@ from atlas.errors import ModelConfigError
 from atlas.graph.events import emit
 from atlas.models.resilience import Notice, Sleep, attempts
 from atlas.models.usage import Usage, call_usage
+from atlas.spec import ModelSpec
+from atlas.tracing.redact import public_model
 
 
 @dataclass
@@ -74,9 +76,33 @@ Effect = ModelCall | ToolRun | Io
 Body = Generator[Effect, Any, Any]
 
 
-def _runnable(model: Any, provider: str, call: ModelCall) -> Runnable[Any, Any]:
+DEFAULT_CALL_TIMEOUT_S = 300.0
+"""A model call that has not answered in this long is abandoned (and retried or failed over),
+unless the model's own `timeout_s` says otherwise. No call outlives the run's `timeout_s`."""
+_TIMEOUT_PROVIDERS = ("openai", "anthropic", "local")
+"""Providers whose SDKs take a per-request `timeout`."""
+
+
+def _call_timeout(ctx: RunContext, spec: ModelSpec) -> float | None:
+    """Seconds this call may take: the model's `timeout_s` (default 300 s), never past the
+    run's remaining `timeout_s`."""
+    if spec.provider not in _TIMEOUT_PROVIDERS:
+        return None
+    limit = spec.timeout_s or DEFAULT_CALL_TIMEOUT_S
+    remaining = ctx.budget.remaining_s
+    if remaining is not None:
+        limit = min(limit, remaining)
+    return max(0.5, limit)
+
+
+def _runnable(
+    model: Any, spec: ModelSpec, call: ModelCall, timeout: float | None = None
+) -> Runnable[Any, Any]:
+    provider = spec.provider
     local = provider == "local"
     extra: dict[str, Any] = {}
+    if timeout is not None:
+        extra["timeout"] = timeout
     if local and call.max_tokens:
         extra["extra_body"] = {"max_tokens": call.max_tokens}
     if call.schema is not None:
@@ -118,14 +144,16 @@ def parse_structured(
     return None, error
 
 
-def _finish(ctx: RunContext, call: ModelCall, out: Any, label: str) -> CallResult:
+def _finish(
+    ctx: RunContext, call: ModelCall, out: Any, label: str, number: int | None
+) -> CallResult:
     message = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
     result = CallResult(message)
     if call.schema is not None:
         result.parsed, result.parse_error = parse_structured(message, call.schema)
     meta: dict[str, Any] = dict(result.message.usage_metadata or {})
     inp, outp = int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0))
-    cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp)
+    cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp, number=number)
     result.usage = call_usage(
         model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost
     )
@@ -144,7 +172,7 @@ def _report(ctx: RunContext, notice: Notice) -> None:
 
 def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None) -> CallResult:
     """One model call with the budget, retries, fallbacks and usage accounting."""
-    ctx.budget.reserve()
+    number = ctx.budget.reserve()
     plan = attempts(call.role, ctx.models.chain(call.role), _deadline(ctx))
     try:
         step = next(plan)
@@ -158,15 +186,17 @@ def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = 
             else:
                 try:
                     model = ctx.models.resolve(step.spec)
-                    runnable = _runnable(model, step.spec.provider, call)
+                    runnable = _runnable(model, step.spec, call, _call_timeout(ctx, step.spec))
                     messages = _messages_for(step.spec.provider, call)
                     out = runnable.invoke(messages, config=_config(call, config))
                 except Exception as exc:
                     step = plan.send(exc)
                     continue
-                return _finish(ctx, call, out, step.spec.model)
+                return _finish(ctx, call, out, public_model(step.spec.model), number)
     except BaseException:
-        ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
+        ctx.budget.release(
+            model=ctx.models.label(call.role), input_tokens=0, output_tokens=0, number=number
+        )
         raise
     finally:
         plan.close()
@@ -176,7 +206,7 @@ async def arun_model(
     ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None
 ) -> CallResult:
     """`run_model` for the async path: awaits the model and the backoff sleeps."""
-    ctx.budget.reserve()
+    number = await asyncio.to_thread(ctx.budget.reserve)
     plan = attempts(call.role, ctx.models.chain(call.role), _deadline(ctx))
     try:
         step = next(plan)
@@ -190,15 +220,21 @@ async def arun_model(
             else:
                 try:
                     model = await asyncio.to_thread(ctx.models.resolve, step.spec)
-                    runnable = _runnable(model, step.spec.provider, call)
+                    timeout = _call_timeout(ctx, step.spec)
+                    runnable = _runnable(model, step.spec, call, timeout)
                     messages = _messages_for(step.spec.provider, call)
-                    out = await runnable.ainvoke(messages, config=_config(call, config))
+                    pending = runnable.ainvoke(messages, config=_config(call, config))
+                    # The SDK's own timeout bounds the request; this also bounds a model that
+                    # does its own waiting (a test double, a slow client-side step).
+                    out = await asyncio.wait_for(pending, None if timeout is None else timeout + 5)
                 except Exception as exc:
                     step = plan.send(exc)
                     continue
-                return _finish(ctx, call, out, step.spec.model)
+                return _finish(ctx, call, out, public_model(step.spec.model), number)
     except BaseException:
-        ctx.budget.release(model=ctx.models.label(call.role), input_tokens=0, output_tokens=0)
+        ctx.budget.release(
+            model=ctx.models.label(call.role), input_tokens=0, output_tokens=0, number=number
+        )
         raise
     finally:
         plan.close()

@@ -214,7 +214,14 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
         span.set_outputs(record)
         span.set_attributes({"atlas.plan.steps": len(steps), "atlas.plan.fallback": fallback})
         emit({"event": "plan", **record})
-        return {"iteration": iteration, "plan": steps, "plans": [record], "usage": usage}
+        cut = next((n for n in notes if n.startswith("cut the plan")), None)
+        return {
+            "iteration": iteration,
+            "plan": steps,
+            "plans": [record],
+            "usage": usage,
+            "plan_cut": cut,
+        }
 
 
 def _salvage(result: CallResult) -> list[dict[str, Any]]:

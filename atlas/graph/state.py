@@ -102,6 +102,9 @@ class RunState(TypedDict, total=False):
     """Every plan made, with its iteration and whether it was repaired."""
     wave: list[str]
     """Step ids dispatched in the current wave."""
+    plan_cut: str | None
+    """Set when `budget.max_steps` cut the current plan: what was cut. The run stops with
+    `budget_exhausted` once the steps it kept are done."""
     results: Annotated[dict[str, StepResult], merge_dicts]
     verdict: dict[str, Any] | None
     verdicts: Annotated[list[dict[str, Any]], append]
