@@ -47,7 +47,7 @@ class Workspace:
     def for_spec(cls, spec: TaskSpec, run_dir: Path, *, memory: Memory | None = None) -> Workspace:
         return cls(
             documents=DocumentIndex.from_paths(spec.document_paths, spec.root),
-            data=DataSource(spec.data_paths),
+            data=DataSource(spec.data_paths, root=spec.root),
             drafts=DraftStore(run_dir / "drafts"),
             memory=memory,
         )
