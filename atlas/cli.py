@@ -180,7 +180,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from atlas.models import check_override
 
         check_override(args.model)
+    _warn_inputs(spec)
     return _execute(args, lambda on_event: _run(spec, args, on_event))
+
+
+def _warn_inputs(spec: Any) -> None:
+    """Inputs that a run will skip, one `warning:` line each, before anything starts."""
+    from atlas.spec import input_warnings
+    from atlas.tools.data import check_data_files
+
+    lines = list(input_warnings(spec))
+    for path, reason in check_data_files(spec.data_paths):
+        lines.append(f"data file {path} will be skipped: {reason}")
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _run(spec: Any, args: argparse.Namespace, on_event: Any) -> Any:

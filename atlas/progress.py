@@ -26,7 +26,9 @@ _ICON = {"waiting": "·", "running": "▶", "done": "✔", "stopped": "■", "bu
 class Progress:
     def __init__(self, *, enabled: bool = True, to_stderr: bool = False) -> None:
         self.enabled = enabled
-        self.console = Console(file=sys.stderr if to_stderr else sys.stdout, highlight=False)
+        self.console = Console(
+            file=sys.stderr if to_stderr else sys.stdout, highlight=False, soft_wrap=True
+        )
         self.live: Live | None = None
         self.steps: dict[str, dict[str, Any]] = {}
         self.iteration = 0

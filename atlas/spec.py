@@ -7,20 +7,47 @@ field path.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import fnmatch
 import glob
 import json
 import os
 import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from atlas.errors import SpecError
+from atlas.tracing.redact import public_model
 
 DEFAULT_TEAMS = ("research", "analysis", "writing")
+
+MAX_MATCHES = 10_000
+"""An input pattern may name at most this many files."""
+MAX_GLOB_SECONDS = 10.0
+"""Expanding one input pattern may take at most this long."""
+MAX_VALUES = 100_000
+"""A task file may hold at most this many values once YAML aliases are expanded."""
+MAX_DEPTH = 50
+"""... nested at most this deep."""
+MAX_PARAMS = 50
+"""Options of one model (query string or `params`)."""
+MAX_OPTION_BYTES = 10_240
+"""Size of one model option's value, serialised."""
 
 # Providers ATLAS knows how to reach. `openai` also covers OpenAI-compatible servers via base_url.
 PROVIDERS = ("openai", "anthropic", "local", "scripted")
@@ -42,6 +69,7 @@ class _Strict(BaseModel):
 
 def parse_model_string(value: str) -> tuple[str, str, dict[str, Any]]:
     """Split `provider:model?key=value&...` into its parts. Raises ValueError when malformed."""
+    shown = public_model(value)  # what messages quote: no secret option values
     text = value.strip()
     for prefix, provider in _INFERRED.items():
         if text.startswith(prefix):
@@ -50,24 +78,43 @@ def parse_model_string(value: str) -> tuple[str, str, dict[str, Any]]:
     match = _MODEL_RE.match(text)
     if not match:
         raise ValueError(
-            f"malformed model spec {value!r}: expected provider:model, e.g. openai:gpt-4o-mini"
+            f"malformed model spec {shown!r}: expected provider:model, e.g. openai:gpt-4o-mini"
         )
     provider, name, query = match["provider"], match["name"] or "", match["query"] or ""
     if provider not in PROVIDERS:
         raise ValueError(
-            f"unknown provider {provider!r} in model spec {value!r} (known: {', '.join(PROVIDERS)})"
+            f"unknown provider {provider!r} in model spec {shown!r} (known: {', '.join(PROVIDERS)})"
         )
     if provider in ("openai", "anthropic") and not name:
-        raise ValueError(f"model spec {value!r} names no model, e.g. {provider}:<model-name>")
+        raise ValueError(f"model spec {shown!r} names no model, e.g. {provider}:<model-name>")
     params: dict[str, Any] = {}
+    written: dict[str, str] = {}
     for pair in filter(None, query.split("&")):
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ValueError(
-                f"malformed option {pair!r} in model spec {value!r}: expected key=value"
+                f"malformed option {pair!r} in model spec {shown!r}: expected key=value"
             )
+        _check_option(key, len(raw.encode("utf-8")))
         params[key] = _coerce(raw)
+        written[key] = raw
+    if len(params) > MAX_PARAMS:
+        raise ValueError(f"model spec has {len(params)} options; at most {MAX_PARAMS}")
+    if provider == "scripted":
+        from atlas.testing import check_scripted_options
+
+        params = check_scripted_options(params, written)
     return provider, name, params
+
+
+def _check_option(key: str, size: int) -> None:
+    """A model option is a name (it becomes a keyword argument) with a value of bounded size.
+    The value is never shown: it may be a key."""
+    if not key.isidentifier():
+        shown = repr(key) if len(key) <= 40 else repr(key[:37] + "...")
+        raise ValueError(f"option name {shown} is not a name (letters, digits, _)")
+    if size > MAX_OPTION_BYTES:
+        raise ValueError(f"option {key}: value is {size} bytes; at most {MAX_OPTION_BYTES}")
 
 
 def _coerce(raw: str) -> Any:
@@ -110,6 +157,28 @@ class ModelSpec(_Strict):
     @classmethod
     def _fallback_strs(cls, value: Any) -> Any:
         return _models_from_strings(value)
+
+    @field_validator("params")
+    @classmethod
+    def _bounded_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_PARAMS:
+            raise ValueError(f"has {len(value)} options; at most {MAX_PARAMS}")
+        for key, item in value.items():
+            try:
+                size = len(json.dumps(item, default=str).encode("utf-8"))
+            except (ValueError, RecursionError):
+                raise ValueError(f"option {key}: value cannot be serialised") from None
+            _check_option(key, size)
+        return value
+
+    @model_validator(mode="after")
+    def _scripted_params(self) -> ModelSpec:
+        provider, _, query = parse_model_string(self.model)
+        if provider == "scripted" and self.params:
+            from atlas.testing import check_scripted_options
+
+            check_scripted_options({**query, **self.params})
+        return self
 
     @property
     def provider(self) -> str:
@@ -237,6 +306,8 @@ class TaskSpec(_Strict):
     agents_dir: str | None = Field(None, description="Extra team definitions, relative to file")
     personas_dir: str | None = Field(None, description="Extra personas, relative to the file")
     base_dir: str = Field(".", description="Set by the loader: the task file's directory")
+    _found: dict[tuple[str, tuple[str, ...]], _Found] = PrivateAttr(default_factory=dict)
+    """Inputs as expanded when first asked for (validation does it): one walk per spec."""
 
     @field_validator("task")
     @classmethod
@@ -267,11 +338,12 @@ class TaskSpec(_Strict):
 
     @property
     def document_paths(self) -> list[Path]:
-        return _expand(self, self.inputs.documents)
+        """Input documents, each once (by real path)."""
+        return _collect(self, self.inputs.documents, kind="documents").files
 
     @property
     def data_paths(self) -> list[Path]:
-        return _expand(self, self.inputs.data)
+        return _collect(self, self.inputs.data, kind="data").files
 
     @property
     def display_name(self) -> str:
@@ -286,44 +358,186 @@ class TaskSpec(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | os.PathLike[str] = ".") -> TaskSpec:
-        return _validate(data, Path(base_dir).resolve(), source="<dict>")
+        spec = _validate(data, Path(base_dir).resolve(), source="<dict>")
+        check_output(spec, source="<dict>")
+        return spec
 
 
-def _expand(spec: TaskSpec, patterns: list[str]) -> list[Path]:
-    return _matches(spec, patterns)[0]
+@dataclasses.dataclass
+class _Found:
+    """What a list of input patterns names."""
+
+    files: list[Path] = dataclasses.field(default_factory=list)
+    """Files to read, each once (by real path), in the order found."""
+    origin: list[int] = dataclasses.field(default_factory=list)
+    """For each file, the index of the pattern that first named it."""
+    refused: list[tuple[int, Path]] = dataclasses.field(default_factory=list)
+    """Files found by a glob or folder walk that are symlinks to outside the folder searched."""
+    links: list[tuple[int, Path]] = dataclasses.field(default_factory=list)
+    """Symlinked folders a walk did not go into (a link such as `docs/loop -> .` would repeat
+    every file)."""
+    empty: list[int] = dataclasses.field(default_factory=list)
+    """Patterns that name no file."""
 
 
-def _matches(spec: TaskSpec, patterns: list[str]) -> tuple[list[Path], list[Path]]:
-    """The files the patterns name, and the ones refused: files found by a glob or a folder
-    walk that are symlinks to somewhere outside the folder searched (a path named outright is
-    the user's choice and is kept)."""
-    found: list[Path] = []
-    refused: list[Path] = []
-    for pattern in patterns:
-        full = str(spec.resolve(pattern))
+class _Limit:
+    """Bounds one pattern's expansion in files and time; over either it is a SpecError."""
+
+    def __init__(self, pattern: str, where: str, source: str | None) -> None:
+        self.pattern, self.where, self.source = pattern, where, source
+        self.deadline = time.monotonic() + MAX_GLOB_SECONDS
+        self.files = 0
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks % 256 == 0 and time.monotonic() > self.deadline:
+            self._fail(f"takes more than {MAX_GLOB_SECONDS:g} s to expand")
+
+    def add_file(self) -> None:
+        self.files += 1
+        if self.files > MAX_MATCHES:
+            self._fail(f"matches more than {MAX_MATCHES} files")
+
+    def _fail(self, what: str) -> None:
+        raise SpecError(
+            f"{self.pattern!r} {what}; narrow the pattern", file=self.source, field=self.where
+        )
+
+
+def _collect(
+    spec: TaskSpec, patterns: list[str], *, kind: str = "documents", source: str | None = None
+) -> _Found:
+    """Expand input patterns: globs (`*`, `?`, `[...]`, `**`) and folders (every file below).
+    Walks never go into symlinked folders, so a link loop cannot repeat files; a file is kept
+    once, by its real path. Bounded by MAX_MATCHES files and MAX_GLOB_SECONDS per pattern.
+    Kept on the spec: a spec's inputs are walked once."""
+    key = (kind, tuple(patterns))
+    cached = spec._found.get(key)
+    if cached is not None:
+        return cached
+    found = _Found()
+    seen: set[Path] = set()
+    for index, pattern in enumerate(patterns):
+        limit = _Limit(pattern, f"inputs.{kind}[{index}]", source)
+        full = spec.resolve(pattern)
+        hits = 0
         candidates: list[tuple[Path, Path | None]]
-        if glob.has_magic(full):
-            parts = Path(full).parts
+        if glob.has_magic(str(full)):
+            parts = full.parts
             first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
             base = Path(*parts[:first_magic])
-            candidates = [(Path(m), base) for m in sorted(glob.glob(full, recursive=True))]
+            candidates = [
+                (m, base) for m in _glob(base, parts[first_magic:], limit, found.links, index)
+            ]
         else:
-            candidates = [(Path(full), None)]
+            candidates = [(full, None)]
         for path, searched in candidates:
             walked: list[tuple[Path, Path | None]]
             if path.is_dir():
-                walked = [(p, path) for p in sorted(path.rglob("*")) if p.is_file()]
+                walked = [(p, path) for p in _walk(path, limit, found.links, index)]
             elif path.is_file():
                 walked = [(path, searched)]
             else:
                 continue
             for file, folder in walked:
+                hits += 1
                 if folder is not None and not _inside(file, folder):
-                    refused.append(file)
-                else:
-                    found.append(file)
-    # keep order, drop duplicates
-    return list(dict.fromkeys(found)), refused
+                    found.refused.append((index, file))
+                    continue
+                real = file.resolve()
+                if real in seen:
+                    continue
+                limit.add_file()
+                seen.add(real)
+                found.files.append(file)
+                found.origin.append(index)
+        if not hits:
+            found.empty.append(index)
+    spec._found[key] = found
+    return found
+
+
+def _glob(
+    folder: Path, parts: tuple[str, ...], limit: _Limit, links: list[tuple[int, Path]], index: int
+) -> Iterator[Path]:
+    """Paths under `folder` matching the pattern `parts`, like glob.glob(recursive=True) but
+    without following symlinked folders for `**` (hidden names need a pattern starting with .)."""
+    if not parts:
+        yield folder
+        return
+    head, tail = parts[0], parts[1:]
+    if head == "**":
+        yield from _glob(folder, tail, limit, links, index)
+        for sub in _subfolders(folder, limit, links, index, hidden=False):
+            yield from _glob(sub, parts, limit, links, index)
+        return
+    if not glob.has_magic(head):
+        path = folder / head
+        if os.path.lexists(path):
+            yield from _glob(path, tail, limit, links, index)
+        return
+    for entry in _entries(folder, limit):
+        if entry.name.startswith(".") and not head.startswith("."):
+            continue
+        if not fnmatch.fnmatchcase(entry.name, head):
+            continue
+        path = Path(entry.path)
+        if not tail:
+            yield path
+        elif _is_dir(entry):
+            yield from _glob(path, tail, limit, links, index)
+
+
+def _entries(folder: Path, limit: _Limit) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            entries = []
+            for entry in it:
+                limit.tick()
+                entries.append(entry)
+    except OSError:
+        return []
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _subfolders(
+    folder: Path,
+    limit: _Limit,
+    links: list[tuple[int, Path]],
+    index: int,
+    *,
+    hidden: bool,
+) -> Iterator[Path]:
+    for entry in _entries(folder, limit):
+        if not hidden and entry.name.startswith("."):
+            continue
+        if not _is_dir(entry):
+            continue
+        if entry.is_symlink():
+            links.append((index, Path(entry.path)))
+            continue
+        yield Path(entry.path)
+
+
+def _walk(folder: Path, limit: _Limit, links: list[tuple[int, Path]], index: int) -> Iterator[Path]:
+    """Every file below `folder` (hidden ones too), sorted, not going into symlinked folders."""
+    for entry in _entries(folder, limit):
+        path = Path(entry.path)
+        if _is_dir(entry):
+            if entry.is_symlink():
+                links.append((index, path))
+            else:
+                yield from _walk(path, limit, links, index)
+        elif path.is_file():
+            yield path
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -332,6 +546,45 @@ def _inside(path: Path, folder: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def input_warnings(spec: TaskSpec) -> list[str]:
+    """One line per input that will not be read: a document that is not a text file, is binary
+    or cannot be read, and a symlinked folder that a walk did not go into. Cheap: it reads only
+    the first few kilobytes of each document."""
+    from atlas.tools.documents import unindexable_reason
+
+    lines: list[str] = []
+    for kind, patterns in (("documents", spec.inputs.documents), ("data", spec.inputs.data)):
+        found = _collect(spec, patterns, kind=kind)
+        if kind == "documents":
+            for path, index in zip(found.files, found.origin, strict=True):
+                reason = unindexable_reason(path)
+                if reason is not None:
+                    lines.append(
+                        f"inputs.documents[{index}]: {_shown(spec, path)} will not be indexed: "
+                        f"{reason}"
+                    )
+        for index, link in dict.fromkeys(found.links):
+            lines.append(
+                f"inputs.{kind}[{index}]: {_shown(spec, link)} is a symlinked folder and is not "
+                "followed; name it in the task to read it"
+            )
+    return [_one_line(line) for line in lines]
+
+
+def indexed_documents(spec: TaskSpec) -> list[Path]:
+    """The documents that will be indexed (those `input_warnings` does not name)."""
+    from atlas.tools.documents import unindexable_reason
+
+    return [p for p in spec.document_paths if unindexable_reason(p) is None]
+
+
+def _shown(spec: TaskSpec, path: Path) -> str:
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(spec.root))
+    except ValueError:
+        return str(path)
 
 
 def json_schema() -> dict[str, Any]:
@@ -388,7 +641,7 @@ def load_task(path: str | os.PathLike[str], *, known_teams: list[str] | None = N
     if data is None:
         raise SpecError("file is empty; expected a mapping with at least 'task'", file=shown)
     spec = _validate(data, file.resolve().parent, source=shown)
-    check_inputs(spec, source=shown, known_teams=known_teams)
+    check_inputs(spec, source=shown, known_teams=known_teams, task_file=file)
     return spec
 
 
@@ -400,6 +653,7 @@ def _validate(data: Any, base_dir: Path, *, source: str) -> TaskSpec:
         )
     if "base_dir" in data:
         raise SpecError("unknown field (set by the loader)", file=source, field="base_dir")
+    _check_size(data, source)
     try:
         return TaskSpec.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
@@ -408,8 +662,40 @@ def _validate(data: Any, base_dir: Path, *, source: str) -> TaskSpec:
         raise SpecError("structure is nested too deeply", file=source) from None
 
 
-def check_inputs(spec: TaskSpec, *, source: str, known_teams: list[str] | None = None) -> None:
-    """Checks that need the file system or the team registry."""
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a document that is huge once expanded: YAML aliases let a few lines stand for
+    billions of values ("billion laughs"), which validation and dumping would expand. Every
+    reference to a shared node counts, each time it is referenced."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise SpecError(
+                f"expands to more than {MAX_VALUES} values (YAML aliases?)", file=source
+            )
+        if depth > MAX_DEPTH:
+            raise SpecError(
+                f"structure is nested too deeply (more than {MAX_DEPTH} levels)", file=source
+            )
+        if isinstance(node, dict):
+            for key, value in node.items():
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in node)
+
+
+def check_inputs(
+    spec: TaskSpec,
+    *,
+    source: str,
+    known_teams: list[str] | None = None,
+    task_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """Checks that need the file system or the team registry. With `task_file`, the output may
+    not be that file either."""
     if known_teams is None:
         from atlas.registry import Registry
 
@@ -429,36 +715,119 @@ def check_inputs(spec: TaskSpec, *, source: str, known_teams: list[str] | None =
                 file=source,
                 field=f"models.teams.{team}",
             )
+    collected: dict[str, _Found] = {}
     for kind, patterns in (("documents", spec.inputs.documents), ("data", spec.inputs.data)):
-        for index, pattern in enumerate(patterns):
-            kept, refused = _matches(spec, [pattern])
-            if refused:
-                raise SpecError(
-                    f"{refused[0]} is a symlink to {refused[0].resolve()}, outside the folder "
-                    "searched; name the file directly if it is meant to be read",
-                    file=source,
-                    field=f"inputs.{kind}[{index}]",
-                )
-            if not kept:
-                raise SpecError(
-                    f"no file matches {pattern!r} (looked in {spec.resolve(pattern).parent})",
-                    file=source,
-                    field=f"inputs.{kind}[{index}]",
-                )
-    for index, path in enumerate(spec.data_paths):
+        found = _collect(spec, patterns, kind=kind, source=source)
+        collected[kind] = found
+        for index, file in found.refused[:1]:
+            raise SpecError(
+                f"{file} is a symlink to {file.resolve()}, outside the folder "
+                "searched; name the file directly if it is meant to be read",
+                file=source,
+                field=f"inputs.{kind}[{index}]",
+            )
+        for index in found.empty[:1]:
+            pattern = patterns[index]
+            raise SpecError(
+                f"no file matches {pattern!r} (looked in {spec.resolve(pattern).parent})",
+                file=source,
+                field=f"inputs.{kind}[{index}]",
+            )
+    data = collected["data"]
+    for path, index in zip(data.files, data.origin, strict=True):
         if path.suffix.lower() not in (".csv", ".tsv", ".parquet", ".json", ".jsonl"):
             raise SpecError(
                 f"{path.name}: unsupported data file (use .csv, .tsv, .parquet, .json or .jsonl)",
                 file=source,
                 field=f"inputs.data[{index}]",
             )
-    out = spec.output_path
-    if out.exists() and out.is_dir():
-        raise SpecError(f"{out} is a directory", file=source, field="output")
+    inputs = (collected["documents"].files, data.files)
+    check_output(spec, source=source, inputs=inputs, task_file=task_file)
     for name in ("agents_dir", "personas_dir"):
         value = getattr(spec, name)
         if value and not spec.resolve(value).is_dir():
             raise SpecError(f"directory not found: {spec.resolve(value)}", file=source, field=name)
+
+
+def check_output(
+    spec: TaskSpec,
+    *,
+    source: str,
+    inputs: tuple[list[Path], list[Path]] | None = None,
+    task_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """The output can be written, without overwriting anything the task reads: not the task
+    file, an input document or data file; not through a symlink; not a folder or device; and
+    its folder exists or can be made, and takes a file (tried, and nothing is left behind)."""
+
+    def refuse(message: str) -> SpecError:
+        return SpecError(message, file=source, field="output")
+
+    if inputs is None:
+        inputs = (spec.document_paths, spec.data_paths)
+    literal = _literal(spec, spec.output)
+    for name in literal.parts:
+        if len(os.fsencode(name)) > 255:
+            raise refuse(f"a name in the path is too long ({len(os.fsencode(name))} bytes)")
+    try:
+        _check_output_path(spec, literal, inputs, task_file, refuse)
+    except OSError as exc:
+        raise refuse(f"cannot use {literal}: {exc.strerror or exc}") from None
+
+
+def _check_output_path(
+    spec: TaskSpec,
+    literal: Path,
+    inputs: tuple[list[Path], list[Path]],
+    task_file: str | os.PathLike[str] | None,
+    refuse: Callable[[str], SpecError],
+) -> None:
+    # Symlinks: the output itself, and any folder on the way to it below the task's folder.
+    try:
+        below = literal.relative_to(spec.root).parts
+        steps = [spec.root.joinpath(*below[: i + 1]) for i in range(len(below))]
+    except ValueError:
+        steps = [literal]
+    for step in steps:
+        if step.is_symlink():
+            what = "output" if step == literal else f"output folder {_shown(spec, step)}"
+            raise refuse(
+                f"{what} is a symlink to {os.readlink(step)}; ATLAS does not write through "
+                "links — name the real path"
+            )
+    if literal.is_dir():
+        raise refuse(f"{literal} is a directory")
+    if literal.exists() and not literal.is_file():
+        raise refuse(f"{literal} exists and is not a regular file")
+    real = literal.resolve()
+    partial = real.with_name(real.stem + ".partial.md")
+    protected: dict[Path, str] = {}
+    for what, paths in zip(("an input document", "a data file"), inputs, strict=True):
+        for path in paths:
+            protected.setdefault(path.resolve(), f"{what} ({_shown(spec, path)})")
+    if task_file is not None:
+        protected[Path(task_file).resolve()] = f"the task file itself ({Path(task_file).name})"
+    for target, label in ((real, "output"), (partial, "output's partial file")):
+        if target in protected:
+            raise refuse(f"the {label} would overwrite {protected[target]}; choose another path")
+    # The nearest folder that exists must be a folder, and must take a new file.
+    ancestor = literal.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise refuse(f"{ancestor} is a file, not a folder, so {literal} cannot be written")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".atlas-write-check-", dir=ancestor)
+    except OSError as exc:
+        raise refuse(f"cannot write in {ancestor}: {exc.strerror or exc}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _literal(spec: TaskSpec, relative: str) -> Path:
+    """A path from the task as written, made absolute without following symlinks."""
+    path = Path(os.path.expanduser(relative))
+    return Path(os.path.abspath(path if path.is_absolute() else spec.root / path))
 
 
 def _spec_error(exc: ValidationError, source: str) -> SpecError:
@@ -479,6 +848,10 @@ def _spec_error(exc: ValidationError, source: str) -> SpecError:
             message = message[len("Value error, ") :]
         got = first.get("input")
         if kind not in ("model_type", "dict_type") and isinstance(got, (int, float, str, bool)):
+            if isinstance(got, str):
+                from atlas.tracing.redact import scrub_text, secret_values
+
+                got = scrub_text(got, secret_values())
             shown = repr(got)
             if len(shown) > 40:
                 shown = shown[:37] + "..."

@@ -15,13 +15,14 @@ It is for tests, dry runs and benchmarks only; it is never a default.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import itertools
 import json
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -31,7 +32,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, ValidationError
 
 Behaviour = Literal[
     "cooperative", "always_delegate", "ping_pong", "repeat_tool", "always_fail", "obey_injection"
@@ -44,23 +45,83 @@ _TABLE = re.compile(r"^table (\w+) \(", re.MULTILINE)
 _log_lock = threading.Lock()
 
 
+SCRIPTED_OPTIONS = (
+    "model_name",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "fail_iterations",
+    "behaviour",
+    "fanout",
+    "tool_rounds",
+    "call_log",
+)
+"""The options `scripted?...` takes (ScriptedModel's own settings)."""
+_TEXT_OPTIONS = ("model_name", "call_log")
+
+
+def check_scripted_options(
+    options: Mapping[str, Any], raw: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Check `scripted?...` options (and `params`) against ScriptedModel's fields, without
+    starting anything. Returns the options to build it with: a text option keeps the text as
+    written in `raw` (so `call_log=123` stays a file name). Raises a one-line ValueError."""
+    for name in options:
+        if name not in SCRIPTED_OPTIONS:
+            close = difflib.get_close_matches(str(name), SCRIPTED_OPTIONS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown option {name!r} for scripted{hint}; known: {', '.join(SCRIPTED_OPTIONS)}"
+            )
+    values = dict(options)
+    for name in _TEXT_OPTIONS:
+        if raw is not None and name in raw and name in values:
+            values[name] = raw[name]
+    try:
+        ScriptedModel.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = ".".join(str(part) for part in first["loc"]) or "?"
+        got = repr(first.get("input"))
+        got = got if len(got) <= 40 else got[:37] + "..."
+        raise ValueError(f"option {name}: expected {_expected(first)}, got {got}") from None
+    return values
+
+
+def _expected(error: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        return "a number"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "a whole number"
+    if kind == "greater_than_equal":
+        return f"a number >= {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"a number <= {ctx.get('le')}"
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    if kind == "string_type":
+        return "text"
+    return " ".join(str(error.get("msg", "a valid value")).split())
+
+
 class ScriptedModel(BaseChatModel):
     """A deterministic chat model for tests, dry runs and benchmarks."""
 
     model_name: str = "scripted"
-    latency_ms: float = 0.0
+    latency_ms: float = Field(0.0, ge=0, le=600_000, allow_inf_nan=False)
     """Simulated latency of every call."""
-    prompt_tokens: int | None = None
+    prompt_tokens: int | None = Field(None, ge=0)
     """Reported input tokens per call; by default about a quarter of the prompt's characters."""
-    completion_tokens: int | None = None
+    completion_tokens: int | None = Field(None, ge=0)
     """Reported output tokens per call; by default about a quarter of the answer's characters."""
-    fail_iterations: int = 0
+    fail_iterations: int = Field(0, ge=0)
     """The judge fails this many iterations before passing."""
     behaviour: Behaviour = "cooperative"
     """Misbehaviours for loop-guard tests."""
-    fanout: int = 0
+    fanout: int = Field(0, ge=0, le=100)
     """When > 0, plans give every team this many independent steps (benchmark workload)."""
-    tool_rounds: int = 2
+    tool_rounds: int = Field(2, ge=0, le=100)
     """Tool calls a worker makes before answering."""
     call_log: str | None = None
     """Append one JSON line per call to this file (for counting calls across processes)."""

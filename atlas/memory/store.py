@@ -159,9 +159,9 @@ class Memory:
         chunks of files that got shorter), skipped (chunks left for a later ingest), and
         `"stopped": "timeout"` when the deadline stopped it.
         """
-        from atlas.tools.documents import TEXT_SUFFIXES
+        from atlas.tools.documents import unindexable_reason
 
-        files = [p for p in paths if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()]
+        files = [p for p in paths if p.is_file() and unindexable_reason(p) is None]
         records: list[Record] = []
         per_file: dict[str, int] = {}
         for path in files:

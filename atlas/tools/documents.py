@@ -6,6 +6,7 @@ indexed sources, so workers cannot read outside the task's workspace.
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
 from collections import Counter
@@ -18,6 +19,31 @@ _STOP = frozenset(
     "what which who will with how does do did".split()
 )
 TEXT_SUFFIXES = frozenset({".md", ".txt", ".rst", ".markdown", ".text", ".html", ".csv", ".json"})
+_HEAD_BYTES = 8192
+"""How much of a document is read to decide whether it is text."""
+_MAX_REPLACED = 0.05
+"""A head in which more than this share of characters is not UTF-8 is not text."""
+
+
+def unindexable_reason(path: Path) -> str | None:
+    """Why `path` will not be indexed (not a text suffix, binary, not UTF-8, unreadable), or None.
+
+    Cheap: reads at most the first few kilobytes."""
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES:
+        kinds = ", ".join(sorted(TEXT_SUFFIXES))
+        return f"not a text document ({suffix or 'no suffix'}; indexed kinds: {kinds})"
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if b"\x00" in head:
+        return "binary (contains NUL bytes), not text"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    if text and text.count("\ufffd") > _MAX_REPLACED * len(text):
+        return "not UTF-8 text"
+    return None
 
 
 def tokenize(text: str) -> list[str]:
@@ -69,15 +95,23 @@ class DocumentIndex:
 
     @classmethod
     def from_paths(cls, paths: list[Path], root: Path) -> DocumentIndex:
+        """Index each file once (by real path); a file that is not text or cannot be read is
+        skipped (`atlas.spec.input_warnings` reports it before the run)."""
         index = cls()
+        seen: set[Path] = set()
         for path in paths:
-            if path.suffix.lower() not in TEXT_SUFFIXES:
+            real = path.resolve()
+            if real in seen or unindexable_reason(path) is not None:
                 continue
+            seen.add(real)
             try:
-                rel = str(path.resolve().relative_to(root.resolve()))
+                rel = str(real.relative_to(root.resolve()))
             except ValueError:
                 rel = path.name
-            text = path.read_text(encoding="utf-8", errors="replace")
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
             for pos, piece in enumerate(chunk_text(text), start=1):
                 index.add(Chunk(f"{rel}#{pos}", rel, pos, piece))
         return index

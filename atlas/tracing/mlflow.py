@@ -1,8 +1,16 @@
 """MLflow tracing for a run: one MLflow run and one trace, autolog plus ATLAS's coordination spans.
 
 - Store: `tracing.tracking_uri`, `--tracking-uri` or `MLFLOW_TRACKING_URI`, else a sqlite file in
-  the state directory. A remote server is probed first (about 3 s at most); when it cannot be
-  reached the run falls back to the local store with one warning.
+  the state directory. The chosen store is checked before MLflow touches it: a server must
+  connect, answer `/health` and answer an API call (3.5 s in all at most); a sqlite file must be
+  in an existing, writable directory, writable itself and a database. When a check or MLflow's
+  set-up fails, the run traces to the local store instead, with one warning line.
+- Logs: while tracing, MLflow's log records become one line per distinct problem (no
+  tracebacks, at most `MAX_LOG_LINES` a run); `ATLAS_DEBUG=1` keeps them whole. A trace that
+  could not be written is reported once ("trace not stored: ...") and the run's `trace_id` is
+  None.
+- Secrets: every line ATLAS prints about tracking has URL passwords redacted, and
+  `MlflowTrace.tracking_uri` is the redacted form (the real URI stays private to the client).
 - Spans: `mlflow.langchain.autolog()` records model, tool and graph-node spans. ATLAS's spans (plan,
   dispatch, handoff, worker, judge, budget stop) are parented explicitly on the graph node that
   opened them, so they nest correctly in async runs too.
@@ -12,16 +20,22 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import sqlite3
+import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -70,29 +84,324 @@ def choose_uri(spec: TaskSpec, state_dir: Path, explicit: str | None) -> str:
     )
 
 
-def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None if a tracking server answers at `uri`; else why not. Bounded to about 2 x timeout."""
+PROBE_BUDGET_S = 3.5
+"""The whole check of a tracking server (connect, `/health`, one API call) ends within this."""
+SETUP_HTTP_TIMEOUT_S = 2
+"""MLflow's HTTP timeout (s, no retries) while it gets or creates the experiment."""
+RUN_HTTP_DEFAULTS = {
+    # Bound MLflow's HTTP client for the rest of the run: its defaults retry for minutes on a
+    # dead server. A value the user set is left alone.
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+_SQL_SCHEMES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_ours: set[str] = set()
+"""Environment variables ATLAS set (and may change again); the user's own are never touched."""
+
+
+def public(text: str) -> str:
+    """`text` as it may be printed: URL passwords, known secrets and key-shaped strings
+    redacted."""
+    from atlas.tracing.redact import scrub_text, secret_values
+
+    return scrub_text(text, secret_values())
+
+
+def _set_default_env(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        if key not in os.environ or key in _ours:
+            os.environ[key] = value
+            _ours.add(key)
+
+
+@contextlib.contextmanager
+def _bounded_http() -> Iterator[None]:
+    """MLflow's HTTP client bounded to one quick try per call while the store is set up."""
+    _set_default_env(
+        {
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SETUP_HTTP_TIMEOUT_S),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        }
+    )
+    try:
+        yield
+    finally:
+        _set_default_env(RUN_HTTP_DEFAULTS)
+
+
+def _split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """The URI without user:password, and the headers that carry them (and MLflow's own
+    MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) for the probe."""
+    parsed = urlparse(uri)
+    headers: dict[str, str] = {}
+    user, password = parsed.username, parsed.password
+    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        user = os.environ["MLFLOW_TRACKING_USERNAME"]
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user is not None:
+        import base64
+
+        pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    return urllib.parse.urlunparse(parsed._replace(netloc=netloc)).rstrip("/"), headers
+
+
+def probe(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """None if a tracking server at `uri` connects, answers `/health` and answers an API call
+    (the experiment look-up MLflow makes first); else why not, without the password. The whole
+    check ends within `PROBE_BUDGET_S` (a server whose health check answers while its API hangs
+    costs that, not MLflow's minutes of retries)."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return None
+    deadline = time.monotonic() + PROBE_BUDGET_S
     host = parsed.hostname or "127.0.0.1"
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=_left(deadline, PROBE_TIMEOUT_S)):
             pass
     except OSError as exc:
         return f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})"
-    health = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=timeout) as response:
-            if response.status >= 500:
-                return f"{health} answered {response.status}"
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            return f"{health} answered {exc.code}"
-    except (OSError, TimeoutError) as exc:
-        return f"no answer from {health} within {timeout:g}s ({type(exc).__name__})"
+    base, headers = _split_credentials(uri)
+    context = None
+    if parsed.scheme == "https" and os.environ.get("MLFLOW_TRACKING_INSECURE_TLS") == "true":
+        import ssl
+
+        context = ssl._create_unverified_context()
+    health = f"{base}/health"
+    status, problem = _get(health, headers, _left(deadline, PROBE_TIMEOUT_S), context)
+    if problem is not None:
+        return problem
+    if status is not None and status >= 500:
+        return f"{health} answered {status}"
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    api = f"{base}/api/2.0/mlflow/experiments/get-by-name"
+    status, problem = _get(f"{api}?{query}", headers, _left(deadline, 2.0), context, api)
+    if problem is not None:
+        return problem
+    if status in (401, 403):
+        return f"{api} refused the credentials ({status})"
+    if status is not None and status not in (200, 404):
+        return f"{api} answered {status}"
     return None
+
+
+def _left(deadline: float, cap: float) -> float:
+    return max(0.05, min(cap, deadline - time.monotonic()))
+
+
+def _get(
+    url: str, headers: dict[str, str], timeout: float, context: Any, shown: str | None = None
+) -> tuple[int | None, str | None]:
+    """(HTTP status, None) for any answer; (None, why) for none within `timeout`."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return int(response.status), None
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), None
+    except (OSError, ValueError) as exc:
+        name = type(getattr(exc, "reason", None) or exc).__name__
+        return None, f"no answer from {shown or url} within {timeout:.1f}s ({name})"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` URI (relative ones from the working directory), or None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    text = urllib.parse.unquote(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not text or text == ":memory:":
+        return None
+    return Path(text)
+
+
+def _writable_dir(directory: Path) -> str | None:
+    if not directory.is_dir():
+        return f"its directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return f"cannot write in {directory} ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """Why MLflow could not keep a store in this SQLite file, checked without creating or
+    changing anything; None if it can."""
+    problem = _writable_dir(path.parent)
+    if problem is not None or not path.exists():
+        return problem
+    if not path.is_file():
+        return f"{path} is not a file"
+    try:
+        with open(path, "r+b"):
+            pass
+    except OSError as exc:
+        return f"cannot write to {path} ({exc.strerror or type(exc).__name__})"
+    try:
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=5)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return f"{path} is not a usable SQLite database ({exc})"
+    return None
+
+
+def store_problem(uri: str, local: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """Why the tracking store at `uri` cannot take this run's trace, found before MLflow opens
+    it (MLflow would retry for minutes, or create missing directories); None if it can. The
+    local store `local` may be created (its directory is the state directory)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        return probe(uri, experiment)
+    path = _sqlite_path(uri)
+    if path is not None:
+        if uri == local and not path.parent.exists():
+            return None
+        return _sqlite_problem(path)
+    dialect = parsed.scheme.split("+", 1)[0]
+    if dialect in _SQL_SCHEMES:
+        host = parsed.hostname or "127.0.0.1"
+        port = parsed.port or _SQL_SCHEMES[dialect]
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                pass
+        except OSError as exc:
+            return f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})"
+        return None
+    if parsed.scheme in ("", "file"):
+        root = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
+        return _writable_dir(root if root.exists() else root.parent)
+    return None
+
+
+MAX_LOG_LINES = 3
+"""MLflow log lines shown a run at most (after deduplication); the rest are counted and hidden."""
+_MLFLOW_LOGGERS = ("mlflow", "sqlalchemy.engine", "alembic", "huey", "urllib3.connectionpool")
+"""The loggers MLflow configures itself (and urllib3's retry warnings under its HTTP client)."""
+
+
+class QuietMlflowLogs(logging.Filter):
+    """MLflow's log records as one line per distinct problem, with no traceback.
+
+    MLflow logs a failed trace export or store call with its exception (and, below it, every
+    retry of urllib3 and SQLAlchemy); a dead server at the end of a run printed about 100
+    lines. This filter, on MLflow's loggers and on their handlers, keeps a record's first line
+    (secrets redacted), drops `exc_info` and stack, drops a line seen before in this run (digits
+    ignored) and lets at most `MAX_LOG_LINES` warnings through a run. While `capture()` is
+    active on a thread, warnings logged on it are handed to the caller instead of printed: ATLAS
+    reports them in its own one line. With `ATLAS_DEBUG` set, records pass whole.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._shown = 0
+        self._hidden = 0
+        self._local = threading.local()
+
+    def reset(self) -> None:
+        """A new run: every problem may be shown once again."""
+        with self._lock:
+            self._seen.clear()
+            self._shown = 0
+            self._hidden = 0
+
+    @property
+    def hidden(self) -> int:
+        return self._hidden
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[tuple[str, str]]]:
+        """Collect (and do not print) the warnings MLflow logs on this thread meanwhile, as
+        (logger name, line)."""
+        found: list[tuple[str, str]] = []
+        previous = getattr(self._local, "found", None)
+        self._local.found = found
+        try:
+            yield found
+        finally:
+            self._local.found = previous
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The filter sits on loggers and on their handlers: decide once per record.
+        verdict = getattr(record, "_atlas_verdict", None)
+        if verdict is not None:
+            return bool(verdict)
+        verdict = self._decide(record)
+        record._atlas_verdict = verdict
+        return verdict
+
+    def _decide(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("ATLAS_DEBUG"):
+            return True
+        line = one_line(record)
+        record.msg, record.args = line, None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if record.levelno < logging.WARNING:
+            return True
+        found = getattr(self._local, "found", None)
+        if found is not None:
+            found.append((record.name, line))
+            return False
+        key = re.sub(r"\d+", "#", line)
+        with self._lock:
+            if key in self._seen or self._shown >= MAX_LOG_LINES:
+                self._hidden += key not in self._seen
+                self._seen.add(key)
+                return False
+            self._seen.add(key)
+            self._shown += 1
+        return True
+
+
+def one_line(record: logging.LogRecord, limit: int = 300) -> str:
+    """A log record's message (or its exception's) as one printable line."""
+    try:
+        text = record.getMessage()
+    except (TypeError, ValueError):
+        text = str(record.msg)
+    if not text.strip() and record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        text = f"{type(exc).__name__}: {exc}"
+    return _first_line(text, limit)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in public(text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _exc_line(exc: BaseException) -> str:
+    return _first_line(f"{type(exc).__name__}: {exc}")
+
+
+QUIET = QuietMlflowLogs()
+
+
+def quiet_mlflow_logs() -> None:
+    """Put `QUIET` on MLflow's loggers and their handlers (idempotent; MLflow may have replaced
+    its handler since the last call). Called after `import mlflow`, which sets them up."""
+    for name in _MLFLOW_LOGGERS:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if QUIET not in target.filters:
+                target.addFilter(QUIET)
 
 
 def agent_version(spec: TaskSpec, ctx: RunContext) -> str:
@@ -245,17 +554,45 @@ def _is_descendant(span: Any, ancestor: Any) -> bool:
     return False
 
 
+def _warn(on_event: Any, message: str) -> None:
+    """One warning line about tracking, redacted: an event when the caller listens for them
+    (the CLI prints it), else a log record."""
+    message = public(message)
+    if on_event is not None:
+        log.debug(message)
+        on_event({"event": "warning", "message": message})
+    else:
+        log.warning(message)
+
+
+def _captured(found: list[tuple[str, str]]) -> str:
+    """The line that says most about what failed: MLflow's own, rather than a retry's."""
+    for name, line in found:
+        if name.startswith("mlflow") and line:
+            return line
+    return found[0][1] if found else ""
+
+
 class MlflowTrace:
-    """The run-level half: the MLflow run, the root span, metrics, artifacts, assessments."""
+    """The run-level half: the MLflow run, the root span, metrics, artifacts, assessments.
+
+    `tracking_uri` is the store's URI as it may be printed or stored (password redacted); the
+    real one is private to the MLflow client.
+    """
 
     def __init__(self, spec: TaskSpec, uri: str, experiment_id: str, on_event: Any) -> None:
+        from atlas.tracing.redact import public_url
+
         self.spec = spec
-        self.tracking_uri = uri
+        self._uri = uri
+        self.tracking_uri = public_url(uri)
         self.experiment_id = experiment_id
         self.tracer = MlflowTracer()
         self.trace_id: str | None = None
         self.mlflow_run_id: str | None = None
         self.on_event = on_event
+        self.trace_problem: str | None = None
+        """Why the trace was not stored (reported once), or None."""
         self._verdict: dict[str, Any] | None = None
         self._artifacts: list[Path] = []
         self._metrics: dict[str, float] = {}
@@ -270,63 +607,92 @@ class MlflowTrace:
         tracking_uri: str | None = None,
         on_event: Any = None,
     ) -> MlflowTrace | None:
+        """Check the chosen store, fall back to the local one if it cannot take the trace, and
+        set MLflow up; None (tracing off, one warning) if the local store fails too."""
         offline_defaults()
+        import mlflow  # noqa: F401  (sets up MLflow's loggers, which quiet_mlflow_logs wraps)
+
+        from atlas.tracing.redact import register_secrets
+
+        quiet_mlflow_logs()
+        QUIET.reset()
         uri = choose_uri(spec, state_dir, tracking_uri)
-        problem = probe(uri)
-        if problem is not None:
-            fallback = local_uri(state_dir)
-            message = f"MLflow tracking server {uri} unreachable ({problem}); tracing to {fallback}"
-            log.warning(message)
-            if on_event is not None:
-                on_event({"event": "warning", "message": message})
-            uri = fallback
-        elif urlparse(uri).scheme in ("http", "https"):
-            # Bound MLflow's HTTP client: its defaults retry for minutes on a dead server.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        try:
-            experiment_id = _setup(uri, spec.tracing.experiment or DEFAULT_EXPERIMENT, state_dir)
-        except Exception as exc:
-            message = f"tracing disabled for this run: {type(exc).__name__}: {str(exc)[:200]}"
-            log.warning(message)
-            if on_event is not None:
-                on_event({"event": "warning", "message": message})
+        register_secrets({"tracking_uri": uri})
+        local = local_uri(state_dir)
+        experiment = spec.tracing.experiment or DEFAULT_EXPERIMENT
+        remote = urlparse(uri).scheme in ("http", "https")
+        problem = store_problem(uri, local, experiment)
+        experiment_id: str | None = None
+        if problem is None:
+            experiment_id, problem = _try_setup(uri, experiment, state_dir)
+        if problem is None and experiment_id is not None:
+            return cls(spec, uri, experiment_id, on_event)
+        what = "server" if remote else "store"
+        verb = "unreachable" if remote else "unusable"
+        if uri == local:
+            _warn(on_event, f"tracing off for this run: the MLflow store {uri} {verb} ({problem})")
             return None
-        return cls(spec, uri, experiment_id, on_event)
+        local_problem = store_problem(local, local, experiment)
+        if local_problem is None:
+            experiment_id, local_problem = _try_setup(local, experiment, state_dir)
+        if local_problem is not None or experiment_id is None:
+            _warn(
+                on_event,
+                f"tracing off for this run: MLflow tracking {what} {uri} {verb} ({problem}), "
+                f"and the local store {local} too ({local_problem})",
+            )
+            return None
+        _warn(on_event, f"MLflow tracking {what} {uri} {verb} ({problem}); tracing to {local}")
+        return cls(spec, local, experiment_id, on_event)
+
+    def _not_stored(self, problem: str) -> None:
+        """Say once that this run's trace is not in the store; its trace id is dropped."""
+        self.trace_id = None
+        if self.trace_problem is None:
+            self.trace_problem = problem or "unknown error"
+            _warn(self.on_event, f"trace not stored: {self.trace_problem}")
 
     @contextlib.contextmanager
     def root(self, ctx: RunContext, *, resumed: bool) -> Iterator[None]:
         """The MLflow run and the trace's root span around the graph's execution.
 
         The run is managed through the client with its id, not MLflow's thread-local "active
-        run", so parallel and async runs in one process never see each other's run.
+        run", so parallel and async runs in one process never see each other's run. When the
+        root span ends the trace is written (synchronously); if MLflow reports that failing, the
+        run goes on and its summary has no trace id.
         """
         import mlflow
 
-        client = mlflow.MlflowClient(self.tracking_uri)
+        quiet_mlflow_logs()
+        client = mlflow.MlflowClient(self._uri)
         root_cm: Any = None
         try:
-            run = client.create_run(
-                self.experiment_id,
-                run_name=ctx.run_id,
-                tags={
-                    "atlas.run_id": ctx.run_id,
-                    "atlas.resumed": str(resumed),
-                    "atlas.task": ctx.spec.display_name[:250],
-                },
-            )
-            self.mlflow_run_id = run.info.run_id
-            params = {f"model.{k}": v for k, v in ctx.models.describe().items()}
-            params["teams"] = ",".join(ctx.spec.teams)
-            from mlflow.entities import Param
+            with QUIET.capture() as found:
+                run = client.create_run(
+                    self.experiment_id,
+                    run_name=ctx.run_id,
+                    tags={
+                        "atlas.run_id": ctx.run_id,
+                        "atlas.resumed": str(resumed),
+                        "atlas.task": ctx.spec.display_name[:250],
+                    },
+                )
+                self.mlflow_run_id = run.info.run_id
+                params = {f"model.{k}": v for k, v in ctx.models.describe().items()}
+                params["teams"] = ",".join(ctx.spec.teams)
+                from mlflow.entities import Param
 
-            client.log_batch(self.mlflow_run_id, params=[Param(k, v) for k, v in params.items()])
-            model_id = _logged_model(
-                client, self.experiment_id, f"atlas-{agent_version(ctx.spec, ctx)}"
-            )
-            root_cm = mlflow.start_span("atlas.task", span_type="AGENT")
-            span = root_cm.__enter__()
+                client.log_batch(
+                    self.mlflow_run_id, params=[Param(k, v) for k, v in params.items()]
+                )
+                model_id = _logged_model(
+                    client, self.experiment_id, f"atlas-{agent_version(ctx.spec, ctx)}"
+                )
+            for _, line in found:
+                log.debug("MLflow while starting the run: %s", line)
+            opening = mlflow.start_span("atlas.task", span_type="AGENT")
+            span = opening.__enter__()
+            root_cm = opening
             export_whole_traces()
             span.set_inputs({"task": ctx.spec.task, "acceptance": list(ctx.spec.acceptance)})
             span.set_attributes({"atlas.run_id": ctx.run_id, "atlas.resumed": resumed})
@@ -340,6 +706,8 @@ class MlflowTrace:
             )
         except Exception as exc:
             log.debug("could not start the trace: %s", exc)
+            if root_cm is None:
+                self._not_stored(f"could not start it: {_exc_line(exc)}")
         error: BaseException | None = None
         try:
             yield
@@ -348,11 +716,39 @@ class MlflowTrace:
             raise
         finally:
             if root_cm is not None:
-                with contextlib.suppress(Exception):
-                    if error is not None:
-                        root_cm.__exit__(type(error), error, error.__traceback__)
-                    else:
-                        root_cm.__exit__(None, None, None)
+                self._end_root(root_cm, error)
+
+    def _end_root(self, root_cm: Any, error: BaseException | None) -> None:
+        """End the root span, which writes the trace; notice when MLflow could not write it."""
+        failure: str | None = None
+        with QUIET.capture() as found:
+            try:
+                if error is not None:
+                    root_cm.__exit__(type(error), error, error.__traceback__)
+                else:
+                    root_cm.__exit__(None, None, None)
+            except Exception as exc:
+                if exc is not error:
+                    failure = _exc_line(exc)
+        if failure is None and not found:
+            return
+        if failure is None and self.trace_id and self._stored(self.trace_id):
+            # MLflow complained about something else (attachments, prompt links).
+            for _, line in found:
+                log.debug("MLflow while writing the trace: %s", line)
+            return
+        self._not_stored(failure or _captured(found))
+
+    def _stored(self, trace_id: str) -> bool:
+        import mlflow
+
+        with QUIET.capture():
+            try:
+                mlflow.MlflowClient(self._uri).get_trace(trace_id)
+            except Exception as exc:
+                log.debug("trace %s is not in the store: %s", trace_id, exc)
+                return False
+        return True
 
     def finish(self, ctx: RunContext, values: dict[str, Any]) -> None:
         from atlas.models.usage import totals
@@ -400,36 +796,52 @@ class MlflowTrace:
         ]
 
     def close(self, status: str | None = None) -> None:
+        """Record the run's metrics, artifacts and verdict, and end the MLflow run.
+
+        A tracking failure never fails the run: after the first one only ending the MLflow run
+        is still tried (the store is likely gone; each further call would wait for it), and one
+        warning says what was not recorded, unless the trace's own warning already did.
+        """
         import mlflow
         from mlflow.entities import Metric
 
-        client = mlflow.MlflowClient(self.tracking_uri)
         run_id = self.mlflow_run_id
         if run_id is None:
             return
+        client = mlflow.MlflowClient(self._uri)
         now_ms = int(time.time() * 1000)
-        with contextlib.suppress(Exception):
-            if self._metrics:
-                self._metrics["wall_s"] = round(time.perf_counter() - self._started, 3)
-                client.log_batch(
-                    run_id,
-                    metrics=[Metric(k, float(v), now_ms, 0) for k, v in self._metrics.items()],
-                )
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if self._metrics:
+            self._metrics["wall_s"] = round(time.perf_counter() - self._started, 3)
+            metrics = [Metric(k, float(v), now_ms, 0) for k, v in self._metrics.items()]
+            steps.append(("metrics", lambda: client.log_batch(run_id, metrics=metrics)))
         for path in self._artifacts:
-            with contextlib.suppress(Exception):
-                client.log_artifact(run_id, str(path))
-        with contextlib.suppress(Exception):
-            mlflow.flush_trace_async_logging()
-        if self.trace_id and self._verdict:
-            with contextlib.suppress(Exception):
-                log_verdict(self.trace_id, self._verdict, list(self.spec.acceptance))
-        with contextlib.suppress(Exception):
-            final = (
-                "FINISHED" if status in (None, "passed", "failed", "budget_exhausted") else "FAILED"
-            )
-            if status == "interrupted":
-                final = "KILLED"
-            client.set_terminated(run_id, status=final)
+            steps.append((path.name, functools.partial(client.log_artifact, run_id, str(path))))
+        steps.append(("trace", mlflow.flush_trace_async_logging))
+        trace_id, verdict = self.trace_id, self._verdict
+        if trace_id and verdict:
+            criteria = list(self.spec.acceptance)
+            steps.append(("verdict", lambda: log_verdict(trace_id, verdict, criteria)))
+        final = "FINISHED" if status in (None, "passed", "failed", "budget_exhausted") else "FAILED"
+        if status == "interrupted":
+            final = "KILLED"
+        failed: str | None = None
+        with QUIET.capture() as found:
+            for label, step in steps:
+                try:
+                    step()
+                except Exception as exc:
+                    failed = f"{label}: {_exc_line(exc)}"
+                    break
+            try:
+                client.set_terminated(run_id, status=final)
+            except Exception as exc:
+                failed = failed or f"the run's end: {_exc_line(exc)}"
+        for _, line in found:
+            log.debug("MLflow while closing the run: %s", line)
+        if failed is not None and self.trace_problem is None:
+            where = self.tracking_uri
+            _warn(self.on_event, f"MLflow tracking store {where} did not record {failed}")
 
 
 _models: dict[tuple[str, str, str], str] = {}
@@ -515,6 +927,36 @@ def export_whole_traces() -> None:
 
 _ready: dict[tuple[str, str], str] = {}
 _current: list[tuple[str, str] | None] = [None]
+
+
+SQL_OPEN_TRIES = 3
+"""MLflow's tries at opening a SQL store (its own default: 10, sleeping about 100 s in all)."""
+
+
+def _try_setup(uri: str, experiment: str, state_dir: Path) -> tuple[str | None, str | None]:
+    """(experiment id, None), or (None, why MLflow could not set the store up). MLflow's HTTP
+    calls get one quick try each, its SQL store opening `SQL_OPEN_TRIES`, and whatever MLflow
+    logs meanwhile is collected rather than printed (the caller warns once)."""
+    _bound_sql_retries()
+    with QUIET.capture() as found, _bounded_http():
+        try:
+            return _setup(uri, experiment, state_dir), None
+        except Exception as exc:
+            return None, _exc_line(exc) or _captured(found)
+
+
+def _bound_sql_retries() -> None:
+    """MLflow retries opening a SQL store ten times with exponential sleeps (about 100 s when
+    the file cannot be opened) and has no setting for it; the count is a module constant that
+    MLflow reads on each call. The checks in `store_problem` catch the known causes first; this
+    bounds any other. `tests/test_tracking_fallback.py::test_corrupt_sqlite_store_falls_back`
+    pins it."""
+    try:
+        from mlflow.store.db import utils
+    except ImportError:  # pragma: no cover - MLflow without its SQL store
+        return
+    if getattr(utils, "MAX_RETRY_COUNT", 0) > SQL_OPEN_TRIES:
+        utils.MAX_RETRY_COUNT = SQL_OPEN_TRIES
 
 
 def _setup(uri: str, experiment: str, state_dir: Path) -> str:
