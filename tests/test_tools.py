@@ -169,3 +169,15 @@ def test_instructions_in_a_document_cannot_widen_a_workers_tools(
     assert not any(e.get("tool") in ("save_draft", "query_data") for e in tool_runs)
     output = Path(result.output).read_text()
     assert "no tool named 'save_draft'" in output or "no tool named 'query_data'" in output
+
+
+def test_one_huge_paragraph_is_cut_into_bounded_chunks_that_keep_every_word() -> None:
+    """A document with no blank lines (a 5 MB log, say) is cut into chunks of at most the
+    chunk size, in order, losing no word (it used to be cut by re-slicing the rest each time,
+    quadratic in the paragraph's length)."""
+    from atlas.tools.documents import chunk_text
+
+    words = [f"w{i}" for i in range(600_000)]
+    chunks = chunk_text(" ".join(words), size=900)
+    assert all(len(c) <= 900 for c in chunks)
+    assert " ".join(chunks).split() == words

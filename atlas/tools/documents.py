@@ -67,14 +67,20 @@ def chunk_text(text: str, *, size: int = 900) -> list[str]:
     chunks: list[str] = []
     current = ""
     for para in paragraphs:
-        while len(para) > size:
+        # Long paragraphs are cut by index: slicing off the rest each time copied it again,
+        # so one huge paragraph (a 50 MB file without blank lines) took quadratic time.
+        start, end = 0, len(para)
+        while end - start > size:
             if current:
                 chunks.append(current)
                 current = ""
-            cut = para.rfind(" ", 0, size)
-            cut = cut if cut > size // 2 else size
-            chunks.append(para[:cut].strip())
-            para = para[cut:].strip()
+            cut = para.rfind(" ", start, start + size)
+            cut = cut if cut - start > size // 2 else start + size
+            chunks.append(para[start:cut].strip())
+            start = cut
+            while start < end and para[start].isspace():
+                start += 1
+        para = para[start:]
         if current and len(current) + len(para) + 2 > size:
             chunks.append(current)
             current = para
