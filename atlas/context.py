@@ -87,14 +87,31 @@ class Budget:
         """Admit one model call (waiting for calls in flight when it might not fit); returns
         the call's journal number. Raises BudgetExhausted, or the cancelling exception."""
         with self._lock:
-            while True:
-                self._check_locked()
-                if self.in_flight == 0 or self._fits_locked():
-                    self.in_flight += 1
-                    break
+            while not self._admit_locked():
                 remaining = self.remaining_s
                 self._lock.wait(timeout=1.0 if remaining is None else min(1.0, remaining + 0.01))
         return self.journal.started() if self.journal is not None else None
+
+    async def areserve(self) -> int | None:
+        """`reserve()` for the event loop: it waits by sleeping, never in a thread (a thread
+        pool of waiters could hold every thread the calls in flight need to answer)."""
+        import asyncio
+
+        delay = 0.002
+        while True:
+            with self._lock:
+                if self._admit_locked():
+                    break
+            await asyncio.sleep(delay)
+            delay = min(0.05, delay * 2)
+        return self.journal.started() if self.journal is not None else None
+
+    def _admit_locked(self) -> bool:
+        self._check_locked()
+        if self.in_flight == 0 or self._fits_locked():
+            self.in_flight += 1
+            return True
+        return False
 
     def _fits_locked(self) -> bool:
         lim = self.limits

@@ -319,8 +319,11 @@ def test_the_clock_starts_when_the_run_s_own_work_starts(tmp_path: Path) -> None
 # -- budgets ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["sync", "async"])
 @pytest.mark.parametrize("max_tokens", [5000, 7000])
-def test_the_token_budget_binds_exactly_in_a_parallel_wave(tmp_path: Path, max_tokens: int) -> None:
+def test_the_token_budget_binds_exactly_in_a_parallel_wave(
+    tmp_path: Path, max_tokens: int, path: str
+) -> None:
     """12 parallel steps, every call exactly 100 tokens. The run used to stop at 41% of the
     budget (calls in flight counted as already spent) or go 2.7 calls over. Now it spends up
     to the limit and stops within one call per parallel branch over it."""
@@ -342,11 +345,18 @@ def test_the_token_budget_binds_exactly_in_a_parallel_wave(tmp_path: Path, max_t
         },
         base_dir=tmp_path,
     )
-    result = run(
-        spec,
-        model="scripted?fanout=4&latency_ms=30&prompt_tokens=80&completion_tokens=20",
-        state_dir_path=tmp_path / "state",
-    )
+    model = "scripted?fanout=4&latency_ms=30&prompt_tokens=80&completion_tokens=20"
+    if path == "sync":
+        result = run(spec, model=model, state_dir_path=tmp_path / "state")
+    else:
+        import asyncio
+
+        from atlas.runner import arun
+
+        # Waiting callers must not hold the threads the calls in flight need to answer.
+        result = asyncio.run(
+            asyncio.wait_for(arun(spec, model=model, state_dir_path=tmp_path / "state"), 120)
+        )
     assert result.status == "budget_exhausted"
     branches = 12
     assert result.tokens >= max_tokens, "stopped before the budget was spent"

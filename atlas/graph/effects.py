@@ -206,7 +206,7 @@ async def arun_model(
     ctx: RunContext, call: ModelCall, config: RunnableConfig | None = None
 ) -> CallResult:
     """`run_model` for the async path: awaits the model and the backoff sleeps."""
-    number = await asyncio.to_thread(ctx.budget.reserve)
+    number = await ctx.budget.areserve()
     plan = attempts(call.role, ctx.models.chain(call.role), _deadline(ctx))
     try:
         step = next(plan)
