@@ -254,9 +254,6 @@ class CallJournal:
             "sessions": max(sessions, default=0),
         }
 
-    def close(self) -> None:
-        """Nothing is held open between calls; kept for symmetry with the other parts."""
-
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -286,8 +283,6 @@ class RunContext:
     """Vector and graph memory kept across runs; None when `memory.enabled` is false."""
 
     def close(self) -> None:
-        if self.budget.journal is not None:
-            self.budget.journal.close()
         self.workspace.close()
         self.models.close()
         if self.memory is not None:

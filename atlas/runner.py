@@ -35,7 +35,7 @@ from atlas.runs import (
     sync_checkpointer,
 )
 from atlas.spec import TaskSpec
-from atlas.tracing.redact import REDACTED, public_model, public_url
+from atlas.tracing.redact import REDACTED, public_model
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -187,7 +187,7 @@ def _summarize(
         cost_usd=round(cost, 6) if isinstance(cost, float | int) else None,
         wall_s=round(wall, 3),
         trace_id=getattr(trace, "trace_id", None),
-        tracking_uri=_public_uri(getattr(trace, "tracking_uri", None)),
+        tracking_uri=getattr(trace, "tracking_uri", None),  # already without passwords
         score=verdict.get("score"),
         stop_reason=values.get("stop_reason"),
         models=ctx.models.describe(),
@@ -195,10 +195,6 @@ def _summarize(
         by_model=by_model,
         resumed=resumed,
     )
-
-
-def _public_uri(uri: str | None) -> str | None:
-    return public_url(uri) if uri else None
 
 
 def _salvage_output(ctx: RunContext, values: dict[str, Any]) -> str | None:

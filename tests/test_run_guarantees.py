@@ -353,7 +353,7 @@ def test_the_token_budget_binds_exactly_in_a_parallel_wave(
 
         from atlas.runner import arun
 
-        # Waiting callers must not hold the threads the calls in flight need to answer.
+        # The async path waits for room on the event loop (Budget.areserve); same bound.
         result = asyncio.run(
             asyncio.wait_for(arun(spec, model=model, state_dir_path=tmp_path / "state"), 120)
         )
