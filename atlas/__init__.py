@@ -17,14 +17,18 @@ __all__ = [
     "RunResult",
     "SpecError",
     "TaskSpec",
+    "ToolContext",
     "__version__",
     "arun",
     "build_graph",
     "build_team",
     "iter_events",
     "load_task",
+    "register_tool",
     "resume",
     "run",
+    "tool",
+    "unregister_tool",
 ]
 
 # Heavy modules (LangGraph, LangChain, MLflow) load on first use, so `import atlas` and
@@ -43,6 +47,10 @@ _LAZY = {
     "iter_events": "atlas.runner",
     "build_graph": "atlas.graph",
     "build_team": "atlas.graph",
+    "ToolContext": "atlas.tools.user",
+    "register_tool": "atlas.tools.user",
+    "unregister_tool": "atlas.tools.user",
+    "tool": "atlas.tools.user",
 }
 
 if TYPE_CHECKING:
@@ -51,6 +59,7 @@ if TYPE_CHECKING:
     from atlas.graph import build_graph, build_team
     from atlas.runner import RunResult, arun, iter_events, resume, run
     from atlas.spec import TaskSpec, load_task
+    from atlas.tools.user import ToolContext, register_tool, tool, unregister_tool
 
 
 def __getattr__(name: str) -> Any:

@@ -65,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=20)
     state(runs)
 
-    validate = sub.add_parser("validate", help="check a task file")
+    validate = sub.add_parser("validate", help="check a task file (and its tools)")
     validate.add_argument("file")
+    validate.add_argument(
+        "--connect", action="store_true", help="also start each MCP server and list its tools"
+    )
 
     sub.add_parser("schema", help="print the task file's JSON Schema")
 
@@ -83,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     from atlas.doctor import add_parser as add_doctor
 
     add_doctor(sub, state)
+
+    tools = sub.add_parser(
+        "tools", help="list the tools each worker of a task gets, with their schemas"
+    )
+    tools.add_argument("file", nargs="?", help="task YAML file (default: the built-in tools)")
+    tools.add_argument("--json", action="store_true", help="print one JSON document")
+    tools.add_argument(
+        "--no-connect", action="store_true", help="do not start MCP servers to list their tools"
+    )
     return parser
 
 
@@ -161,14 +173,26 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from atlas.spec import indexed_documents, input_warnings, load_task
+    from atlas.tools.cli import check_tools, server_lines
 
     spec = load_task(args.file)
+    box = check_tools(spec, connect=args.connect)
+    try:
+        servers = server_lines(box)
+    finally:
+        box.close()
     warnings = input_warnings(spec)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     docs, data = len(indexed_documents(spec)), len(spec.data_paths)
+    tools = len({r.text for w in box.workers.values() for r in w.refs})
     noted = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
-    print(f"{args.file}: ok ({len(spec.teams)} teams, {docs} documents, {data} data files{noted})")
+    print(
+        f"{args.file}: ok ({len(spec.teams)} teams, {tools} tools, {docs} documents, "
+        f"{data} data files{noted})"
+    )
+    for line in servers:
+        print(f"  {line}")
     return 0
 
 
@@ -180,6 +204,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from atlas.models import check_override
 
         check_override(args.model)
+    from atlas.tools.cli import check_tools
+
+    check_tools(spec).close()  # every tool reference resolves, before anything starts
     _warn_inputs(spec)
     return _execute(args, lambda on_event: _run(spec, args, on_event))
 
@@ -370,6 +397,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_tools(args: argparse.Namespace) -> int:
+    from atlas.tools.cli import cmd_tools
+
+    return cmd_tools(args)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
@@ -379,4 +412,5 @@ _COMMANDS = {
     "ui": _cmd_ui,
     "memory": _cmd_memory,
     "doctor": _cmd_doctor,
+    "tools": _cmd_tools,
 }

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from atlas.spec import Budget as BudgetSpec
     from atlas.spec import TaskSpec
     from atlas.tools import Workspace
+    from atlas.tools.catalog import Toolbox
     from atlas.tracing import Tracer
 
 
@@ -281,8 +282,36 @@ class RunContext:
     """Coordination spans; a no-op tracer when tracing is off."""
     memory: Memory | None = None
     """Vector and graph memory kept across runs; None when `memory.enabled` is false."""
+    toolbox: Toolbox | None = None
+    """Every worker's tools: built-in, the user's Python tools, MCP sessions (`open_tools()`)."""
+    tool_calls: int = 0
+    """Tool calls made in this session."""
+    tool_errors: int = 0
+    """Tool calls that failed (raised, timed out, or answered `error: ...`) in this session."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count_tool_call(self, failed: bool) -> None:
+        with self._lock:
+            self.tool_calls += 1
+            self.tool_errors += int(failed)
+
+    def open_tools(self) -> None:
+        """Resolve every worker's tools and start the MCP servers they use: before the first
+        model call, so a bad reference or a server that does not start costs no call."""
+        from atlas.tools.catalog import Toolbox
+
+        if self.toolbox is None:
+            self.toolbox = Toolbox.resolve(self.spec, self.registry)
+        self.toolbox.open(
+            run_id=self.run_id,
+            run_dir=self.run_dir,
+            task_dir=self.spec.root.resolve(),
+            default_timeout_s=self.spec.budget.tool_timeout_s,
+        )
 
     def close(self) -> None:
+        if self.toolbox is not None:
+            self.toolbox.close()
         self.workspace.close()
         self.models.close()
         if self.memory is not None:
@@ -309,7 +338,7 @@ class RunContext:
         run_dir = base / "runs" / rid
         run_dir.mkdir(parents=True, exist_ok=True)
         memory = Memory.for_spec(spec, base) if spec.memory.enabled else None
-        return cls(
+        ctx = cls(
             spec=spec,
             models=ModelRoles(spec, override=model),
             registry=Registry.for_spec(spec),
@@ -320,3 +349,9 @@ class RunContext:
             tracer=tracer or NullTracer(),
             memory=memory,
         )
+        try:
+            ctx.open_tools()
+        except BaseException:
+            ctx.close()
+            raise
+        return ctx

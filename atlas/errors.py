@@ -103,3 +103,9 @@ class AmbiguousRun(AtlasError):
             f"run id prefix {prefix!r} matches {len(candidates)} runs: {shown}{more}; "
             "give more of the id"
         )
+
+
+class McpConnectError(AtlasError):
+    """An MCP server did not start or answer: "mcp server 'x': <why>" (exit code 3)."""
+
+    exit_code = 3

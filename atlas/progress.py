@@ -163,6 +163,11 @@ class Progress:
                 f"{result.model_calls} calls)",
             ),
             ("cost", cost),
+            (
+                "tool calls",
+                f"{getattr(result, 'tool_calls', 0)}"
+                + (f" ({result.tool_errors} failed)" if getattr(result, "tool_errors", 0) else ""),
+            ),
             ("wall time", f"{result.wall_s:.1f} s"),
             ("output", str(result.output)),
             ("models", ", ".join(sorted({public_model(str(m)) for m in result.models.values()}))),

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from atlas.errors import SpecError
+from atlas.spec import McpServer
 
 if TYPE_CHECKING:
     from atlas.spec import TaskSpec
@@ -58,6 +59,17 @@ class TeamDef(_Strict):
     )
     supervisor: SupervisorDef
     workers: list[WorkerDef] = Field(min_length=1)
+    mcp_servers: dict[str, McpServer] = Field(
+        default_factory=dict,
+        description="MCP servers this team's workers use; the task file's of the same name wins",
+    )
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _server_names(cls, value: dict[str, McpServer]) -> dict[str, McpServer]:
+        from atlas.spec import check_server_names
+
+        return check_server_names(value)
 
     @field_validator("workers")
     @classmethod

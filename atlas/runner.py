@@ -74,6 +74,11 @@ class RunResult:
     """The run's own files: drafts, plan.json, the call journal."""
     lost_calls: int = 0
     """Model calls that a kill cut off before they answered (charged, made again on resume)."""
+    tool_calls: int = 0
+    """Tool calls the workers made in this session (built-in, Python and MCP)."""
+    tool_errors: int = 0
+    """Of those, calls that failed: raised, timed out, or answered `error: ...`. Each went back
+    to the model as the tool's answer."""
 
     @property
     def passed(self) -> bool:
@@ -194,6 +199,8 @@ def _summarize(
         by_team=by_team,
         by_model=by_model,
         resumed=resumed,
+        tool_calls=ctx.tool_calls,
+        tool_errors=ctx.tool_errors,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 import urllib.parse
@@ -355,20 +356,39 @@ def sync_checkpointer(directory: Path) -> Iterator[Any]:
         con.close()
 
 
+_ENV_REF = re.compile(r"((Bearer|Basic|Token) )?\$\{[A-Za-z_][A-Za-z0-9_]*\}", re.I)
+"""A header or env value that only names a variable (`${TOKEN}`, `Bearer ${TOKEN}`) holds no
+secret and is kept; any other value is redacted."""
+
+
 def spec_to_json(spec: Any) -> str:
     """The spec as a run record keeps it: no secrets.
 
     Provider options whose names look secret (`api_key`, `X-Gateway-Token`, `Authorization`),
-    passwords in URLs, secret environment values and key-shaped strings become `[REDACTED]`.
+    passwords in URLs, secret environment values and key-shaped strings become `[REDACTED]`, and
+    so does every MCP server's header and env value that is not a bare `${VAR}` reference.
     `resume` takes them back from the task file (see `restore_secrets`).
     """
     from atlas.tracing.redact import REDACTED, scrub_text, secret_option, secret_values
 
     secrets = secret_values()
 
+    def server(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return clean(value)
+        out = clean({k: v for k, v in value.items() if k not in ("headers", "env")})
+        for key in ("headers", "env"):
+            if key in value:
+                out[key] = {
+                    k: v if _ENV_REF.fullmatch(str(v)) else REDACTED for k, v in value[key].items()
+                }
+        return out
+
     def clean(value: Any, name: str = "", option: bool = False) -> Any:
         """`option`: inside a model's free-form `params`, where names tell what is secret."""
         if isinstance(value, dict):
+            if name == "mcp_servers" and not option:
+                return {k: server(v) for k, v in value.items()}
             return {k: clean(v, str(k), option or k == "params") for k, v in value.items()}
         if isinstance(value, list):
             return [clean(v, name, option) for v in value]

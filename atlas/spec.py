@@ -16,9 +16,10 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -240,6 +241,11 @@ class Budget(_Strict):
     timeout_s: float | None = Field(1800, gt=0, description="Wall time of the whole run")
     max_handoffs: int = Field(6, ge=1, le=100, description="Supervisor handoffs per team step")
     max_tool_calls: int = Field(6, ge=1, le=100, description="Tool calls per worker turn")
+    tool_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="Seconds one call of a Python tool may take (MCP servers set their own)",
+    )
 
 
 class Inputs(_Strict):
@@ -289,6 +295,118 @@ class JudgeSettings(_Strict):
     pass_threshold: float = Field(0.7, ge=0, le=1, description="Minimum score to pass")
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class McpServer(BaseModel):
+    """One MCP server, as declared under `mcpServers`: a local command spoken to over stdio, or a
+    streamable HTTP `url`.
+
+    - `command: python` (or `python3`) means the interpreter running ATLAS (`sys.executable`),
+      so a server written with the `mcp` SDK finds it installed.
+    - A relative `cwd` resolves against the task file's folder, the default working directory;
+      a relative `command` path (`./server.sh`) against the working directory.
+    - `${VAR}` (or `${VAR:-default}`) is expanded in `env` and `headers` values only
+      (`expand_env`), so a token stays out of the task file.
+    - `timeout_s` bounds each tool call; `connect_timeout_s` bounds starting (or reaching) the
+      server, the MCP handshake and listing its tools.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["stdio", "http", "streamable-http", "streamable_http"] | None = None
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(60.0, gt=0, description="Bound on each tool call, in seconds")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Bound on start or connect, handshake and tool listing"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_sse(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("type") == "sse":
+            raise ValueError(
+                "type 'sse' (the old HTTP+SSE transport) is not supported; use the server's "
+                "streamable HTTP endpoint: type: http, url: ..."
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> McpServer:
+        if (self.command is None) == (self.url is None):
+            raise ValueError(
+                "give exactly one of command (a local server over stdio) or url (streamable HTTP)"
+            )
+        if self.type == "stdio" and self.command is None:
+            raise ValueError("type stdio needs a command, not a url")
+        if self.type not in (None, "stdio") and self.url is None:
+            raise ValueError(f"type {self.type} needs a url, not a command")
+        if self.command is not None:
+            if not self.command.strip():
+                raise ValueError("command is empty")
+            if self.headers:
+                raise ValueError("headers are for a url server; a command server takes env")
+        elif self.args or self.env or self.cwd is not None:
+            raise ValueError(
+                "args, env and cwd are for a command server; a url server takes headers"
+            )
+        fixed = {"command": self.command, "cwd": self.cwd, "url": self.url}
+        fixed |= {f"args[{i}]": a for i, a in enumerate(self.args)}
+        fixed |= {f"env key {k!r}": k for k in self.env}
+        fixed |= {f"header {k!r}": k for k in self.headers}
+        for where, value in fixed.items():
+            if value and "${" in value:
+                raise ValueError(
+                    f"{where}: ${{...}} is expanded only in env and headers values; write the "
+                    "value itself here"
+                )
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("url must be an http:// or https:// URL with a host")
+        return self
+
+    @property
+    def transport(self) -> Literal["stdio", "http"]:
+        return "stdio" if self.command is not None else "http"
+
+
+def expand_env(name: str, server: McpServer, environ: Mapping[str, str]) -> McpServer:
+    """`server` with `${VAR}` and `${VAR:-default}` expanded in its env and headers values.
+
+    A variable that is not set (and has no default) is a SpecError naming the server and field."""
+
+    def expand(value: str, where: str) -> str:
+        def sub(match: re.Match[str]) -> str:
+            var, default = match[1], match[2]
+            if environ.get(var):
+                return environ[var]
+            if default is not None:
+                return default
+            if var in environ:
+                return ""
+            raise SpecError(
+                f"mcp server {name!r}: environment variable {var} is not set", field=where
+            )
+
+        if value.count("${") != len(_VAR.findall(value)):
+            raise SpecError(
+                f"mcp server {name!r}: malformed ${{...}} (write ${{NAME}} or ${{NAME:-default}})",
+                field=where,
+            )
+        return _VAR.sub(sub, value)
+
+    base = f"mcp_servers.{name}"
+    env = {k: expand(v, f"{base}.env.{k}") for k, v in server.env.items()}
+    headers = {k: expand(v, f"{base}.headers.{k}") for k, v in server.headers.items()}
+    return server.model_copy(update={"env": env, "headers": headers})
+
+
 class TaskSpec(_Strict):
     """A job for ATLAS, as written in `task.yaml`."""
 
@@ -303,6 +421,10 @@ class TaskSpec(_Strict):
     tracing: Tracing = Field(default_factory=Tracing)
     memory: Memory = Field(default_factory=Memory)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    mcp_servers: dict[str, McpServer] = Field(
+        default_factory=dict,
+        description="MCP servers; workers list their tools as mcp.<server>.<tool>",
+    )
     agents_dir: str | None = Field(None, description="Extra team definitions, relative to file")
     personas_dir: str | None = Field(None, description="Extra personas, relative to the file")
     base_dir: str = Field(".", description="Set by the loader: the task file's directory")
@@ -315,6 +437,11 @@ class TaskSpec(_Strict):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _server_names(cls, value: dict[str, McpServer]) -> dict[str, McpServer]:
+        return check_server_names(value)
 
     @field_validator("teams")
     @classmethod
@@ -905,6 +1032,20 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_server_names(value: dict[str, McpServer]) -> dict[str, McpServer]:
+    """MCP server names appear in tool references (`mcp.<server>.<tool>`): no dots."""
+    for name in value:
+        if not _SERVER_NAME.match(name):
+            raise ValueError(
+                f"MCP server name {name!r}: use letters, digits, '_' and '-' (it goes in "
+                "mcp.<server>.<tool>)"
+            )
+    return value
 
 
 def _did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:

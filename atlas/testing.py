@@ -122,7 +122,8 @@ class ScriptedModel(BaseChatModel):
     fanout: int = Field(0, ge=0, le=100)
     """When > 0, plans give every team this many independent steps (benchmark workload)."""
     tool_rounds: int = Field(2, ge=0, le=100)
-    """Tool calls a worker makes before answering."""
+    """Calls of built-in tools a worker makes before answering. A user's own tools (Python or
+    MCP) are each called once besides, so a dry run exercises every tool a team brings."""
     call_log: str | None = None
     """Append one JSON line per call to this file (for counting calls across processes)."""
     calls: list[str] = Field(default_factory=list, exclude=True)
@@ -303,9 +304,9 @@ class ScriptedModel(BaseChatModel):
                 for wanted in _INJECTED.findall(str(message.content)):
                     if wanted not in called:
                         return _call(wanted, {"content": "injected", "sql": "SELECT 1"})
-        if len(used) < min(self.tool_rounds, len(tools)):
-            tool = tools[len(used)]
-            return _call(tool["function"]["name"], _args_for(tool, text, used))
+        due = _next_tool(tools, used, self.tool_rounds)
+        if due is not None:
+            return _call(due["function"]["name"], _args_for(due, text, used))
         findings = "\n".join(f"- {_digest(str(m.content), 300)}" for m in used)
         step = _section(text, "Step") or _section(text, "Your task") or "the step"
         return AIMessage(content=f"Findings for: {_digest(step, 160)}\n{findings}".strip())
@@ -424,6 +425,59 @@ def _digest(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def _next_tool(
+    tools: list[dict[str, Any]], used: list[ToolMessage], rounds: int
+) -> dict[str, Any] | None:
+    """The next tool to call: built-in ones in order up to `rounds` calls, then each of the
+    user's own tools that has not been called yet."""
+    from atlas.tools import BUILTIN_TOOLS
+
+    called = {m.name for m in used}
+    builtin_calls = sum(1 for m in used if m.name in BUILTIN_TOOLS)
+    for index, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        if name in BUILTIN_TOOLS:
+            if index >= len(used) and builtin_calls < rounds and name not in called:
+                return tool
+        elif name not in called:
+            return tool
+    return None
+
+
+def _value_for(schema: dict[str, Any], name: str, instruction: str, defs: dict[str, Any]) -> Any:
+    """A plausible value for a parameter of a user's tool, from its JSON schema."""
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        schema = defs.get(ref.removeprefix("#/$defs/"), {})
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    for key in ("anyOf", "oneOf"):
+        options = [o for o in schema.get(key, []) if o.get("type") != "null"]
+        if options:
+            return _value_for(options[0], name, instruction, defs)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "integer":
+        return max(1, int(schema.get("minimum", 1)))
+    if kind == "number":
+        return float(schema.get("minimum", 1.0))
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return [_value_for(schema.get("items", {}), name, instruction, defs)]
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {
+            k: _value_for(props[k], k, instruction, defs)
+            for k in schema.get("required", [])
+            if k in props
+        }
+    return _digest(instruction, int(schema.get("maxLength", 200)))
+
+
 def _args_for(tool: dict[str, Any], text: str, used: list[ToolMessage]) -> dict[str, Any]:
     params = tool["function"].get("parameters", {})
     props: dict[str, Any] = params.get("properties", {})
@@ -431,6 +485,7 @@ def _args_for(tool: dict[str, Any], text: str, used: list[ToolMessage]) -> dict[
     instruction = _section(text, "Step") or _section(text, "Your task") or _digest(text, 200)
     seen = "\n".join(str(m.content) for m in used) + "\n" + text
     args: dict[str, Any] = {}
+    defs = params.get("$defs", {})
     for name in required:
         if name == "query":
             args[name] = _digest(instruction, 200)
@@ -444,10 +499,10 @@ def _args_for(tool: dict[str, Any], text: str, used: list[ToolMessage]) -> dict[
             args[name] = sources[0] if sources else "unknown"
         elif name == "content":
             args[name] = _draft(text, used)
-        elif props.get(name, {}).get("type") == "integer":
+        elif props.get(name, {}).get("type") == "integer" and "minimum" not in props[name]:
             args[name] = 3
         else:
-            args[name] = _digest(instruction, 200)
+            args[name] = _value_for(props.get(name, {}), name, instruction, defs)
     return args
 
 

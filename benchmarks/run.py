@@ -347,7 +347,15 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "concurrency": lambda a: bench_concurrency(2),
     "tracking_down": lambda a: bench_tracking_down(a.rounds),
     "memory": lambda a: bench_memory(a.rounds),
+    "mcp_tool": lambda a: bench_mcp_tool(),
 }
+
+
+def bench_mcp_tool(calls: int = 300) -> dict[str, Any]:
+    """One function as a plain LangChain tool and as a stdio MCP tool, per call (a report)."""
+    from benchmarks.mcp_overhead import measure
+
+    return {**measure(calls), "goal": "report"}
 
 
 def _yes(entry: dict[str, Any]) -> str:
@@ -445,6 +453,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"| dry run with the tracking server down (refused port) | {d['extra_s']:+.2f} s "
             f"({d['server_down_s']:.2f} s vs {d['normal_s']:.2f} s) | {d['goal']} | "
             f"{'yes' if d['met'] else 'no'} |"
+        )
+    if "mcp_tool" in b:
+        m = b["mcp_tool"]
+        lines.append(
+            f"| a tool call over MCP (stdio, FastMCP server) / the same function as a plain tool "
+            f"| {m['mcp_stdio_ms']:.2f} ms vs {m['plain_tool_ms']:.3f} ms per call "
+            f"({m['ratio']:.0f}x; server start {m['connect_ms']:.0f} ms, once per run) "
+            "| report | - |"
         )
     if "memory" in b:
         lines += _memory_rows(b["memory"])

@@ -79,7 +79,7 @@ def test_paths_resolve_relative_to_the_task_file(tmp_path: Path) -> None:
 def test_validate_accepts_the_quickstart() -> None:
     proc = atlas_cli("validate", str(QUICKSTART))
     assert proc.returncode == 0, proc.stderr
-    assert "ok (3 teams, 3 documents, 2 data files)" in proc.stdout
+    assert "ok (3 teams, 8 tools, 3 documents, 2 data files)" in proc.stdout
 
 
 def test_schema_is_valid_json_schema_that_describes_the_fields() -> None:

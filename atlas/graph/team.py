@@ -15,13 +15,13 @@ import json
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.tools import StructuredTool
+from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 from pydantic import Field, create_model
 
 from atlas.context import RunContext
-from atlas.errors import BudgetExhausted
+from atlas.errors import BudgetExhausted, ToolError
 from atlas.graph.effects import Body, CallResult, Io, ModelCall, ToolRun, node
 from atlas.graph.events import emit
 from atlas.graph.limits import Limits, clip, limits_for
@@ -31,7 +31,6 @@ from atlas.memory.entities import EXTRACT_PROMPT, Entities, grounded
 from atlas.models.resilience import ProviderError
 from atlas.models.usage import Usage, merge_usage
 from atlas.registry import TeamDef, WorkerDef
-from atlas.tools import make_tools
 
 FINISH = "finish"
 HANDOFF = "handoff"
@@ -194,11 +193,19 @@ def _decide(
     return FINISH, {"task": ""}
 
 
+def worker_tools(ctx: RunContext, team: TeamDef, worker: WorkerDef) -> list[BaseTool]:
+    """The worker's tools for this run, as its definition lists them (built-in, Python, MCP)."""
+    if ctx.toolbox is None:
+        ctx.open_tools()
+    assert ctx.toolbox is not None
+    return ctx.toolbox.tools_for(team.name, worker.name, ctx.workspace, ctx.tracer)
+
+
 def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
     def body(state: dict[str, Any], ctx: RunContext) -> Body:
         step = state["step"]
         persona = ctx.registry.persona(worker.persona)
-        tools = make_tools(worker.tools, ctx.workspace, ctx.tracer)
+        tools = worker_tools(ctx, team, worker)
         by_name = {t.name: t for t in tools}
         max_calls = ctx.spec.budget.max_tool_calls
         limits = limits_for(ctx, f"team:{team.name}")
@@ -293,8 +300,11 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                         calls_made += 1
                         try:
                             output = yield ToolRun(tool, dict(call.get("args") or {}))
+                        except ToolError as exc:
+                            output = f"error: {exc}"
                         except Exception as exc:
                             output = f"error: {type(exc).__name__}: {exc}"
+                        ctx.count_tool_call(failed=str(output).startswith("error:"))
                     messages.append(
                         ToolMessage(
                             content=clip(str(output), limits.tool_output),

@@ -232,6 +232,14 @@ def make_processor() -> Any:
                 if not k.startswith("mlflow.span")
             }
             changed = {k: v for k, v in cleaned.items() if v != attributes.get(k)}
+            # A tool's own metadata (`atlas.tool.kind`, `atlas.mcp.server`) arrives inside
+            # autolog's `metadata` attribute; lifted to the span's top level, the UI and
+            # `search_traces` can filter on it.
+            meta = cleaned.get("metadata")
+            if isinstance(meta, dict):
+                changed.update(
+                    {k: v for k, v in meta.items() if k.startswith("atlas.") and k not in cleaned}
+                )
             if changed:
                 span.set_attributes(changed)
         except Exception as exc:  # telemetry never fails a run
