@@ -368,3 +368,106 @@ def test_the_own_tools_example_runs_as_a_dry_run(tmp_path: Path) -> None:
     assert "on_hand" in text and "lead_days" in text  # both tools' answers reached the output
     lookups = list((tmp_path / ".atlas" / "runs").glob("*/workspace/stock-lookups.jsonl"))
     assert len(lookups) == 1
+
+
+HTTP_SERVER = ROOT / "tests" / "fixtures" / "mcp_servers" / "http_server.py"
+
+
+def test_a_token_in_mcp_headers_reaches_the_server_and_nowhere_else(tmp_path: Path) -> None:
+    """A streamable-HTTP server that requires `Authorization: Bearer <token>`: the token comes
+    from `${CRM_TOKEN}`, a second one is written in the task file itself. The call gets through;
+    neither token is in the run record, the trace store, the run's files or the console."""
+    from tests.conftest import free_port
+
+    token, literal = "crm-secret-5555666677778888", "hdr-literal-1111222233334444"
+    port = free_port()
+    record = tmp_path / "crm-record.txt"
+    env = {**os.environ, "ATLAS_MCP_FIXTURE_TOKEN": token, "ATLAS_MCP_FIXTURE_RECORD": str(record)}
+    server = subprocess.Popen(
+        [sys.executable, str(HTTP_SERVER), str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            import socket
+
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        declared = {
+            "url": f"http://127.0.0.1:{port}/mcp",
+            "headers": {"Authorization": "Bearer ${CRM_TOKEN}", "X-Licence": literal},
+        }
+        task = _project(tmp_path, tools="mcp.crm.record", server=declared)
+        text = json.loads(task.read_text())
+        text["mcp_servers"] = {"crm": declared}
+        task.write_text(json.dumps(text))
+        proc = atlas_cli(
+            "run",
+            str(task),
+            "--model",
+            "scripted",
+            "--json",
+            cwd=tmp_path,
+            env={"CRM_TOKEN": token},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert _summary(proc)["tool_errors"] == 0
+        assert record.read_text().strip(), "the call did not reach the server"
+        leaks = [
+            f"{path}: {secret[:4]}"
+            for path in (tmp_path / ".atlas").rglob("*")
+            if path.is_file()
+            for secret in (token, literal)
+            if secret.encode() in path.read_bytes()
+        ]
+        assert leaks == []
+        assert token not in proc.stdout + proc.stderr and literal not in proc.stdout + proc.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_a_tool_registered_in_code_and_a_server_declared_in_the_team_file(
+    tmp_path: Path,
+) -> None:
+    """The embedding way: `atlas.register_tool` names a tool any team file may list, and a team
+    file may bring its own MCP server (its relative paths resolve beside the team file)."""
+    calls: list[str] = []
+
+    @atlas.register_tool(name="note_down")
+    async def note(text: str) -> str:
+        """Write a note down.
+
+        Args:
+            text: What to note.
+        """
+        calls.append(text)
+        return "noted"
+
+    try:
+        task = _project(tmp_path, tools="note_down, mcp.depot.reserve_stock")
+        team = tmp_path / "agents" / "shop.yaml"
+        (tmp_path / "agents" / "depot.py").write_text(SERVER)
+        team.write_text(
+            team.read_text()
+            + "mcp_servers:\n  depot:\n    command: python\n    args: [depot.py]\n"
+            + f"    env: {{PID_DIR: {tmp_path / 'pids'}}}\n"
+        )
+        data = json.loads(task.read_text())
+        del data["mcp_servers"]
+        task.write_text(json.dumps(data))
+        result = atlas.run(
+            atlas.load_task(task), model="scripted", state_dir_path=tmp_path / "state"
+        )
+        assert result.status == "passed", result.error
+        assert len(calls) == 1 and result.tool_errors == 0
+        assert (tmp_path / "agents" / "mcp-side-effect.txt").read_text().count("\n") == 1
+    finally:
+        atlas.unregister_tool("note_down")
+    assert _wait_gone(_server_pids(tmp_path)) == []
