@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +21,9 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import StreamMode
 
 from atlas.context import RunContext, new_run_id
-from atlas.errors import AtlasError, RunLocked
+from atlas.errors import AtlasError, RunInterrupted, RunLocked
+from atlas.events import EVENT_TYPES, EndEvent, Event, EventHandler, StartEvent, to_caller
+from atlas.events import iter_events as iter_events  # moved to atlas.events; still here
 from atlas.models.usage import totals
 from atlas.runs import (
     SYNCHRONOUS,
@@ -36,8 +38,6 @@ from atlas.runs import (
 )
 from atlas.spec import TaskSpec
 from atlas.tracing.redact import REDACTED, public_model
-
-EventHandler = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -98,13 +98,31 @@ _STREAM: dict[str, Any] = {"stream_mode": _STREAM_MODES, "subgraphs": True, "dur
 
 
 def _consume(part: Any, emit: EventHandler, values: dict[str, Any]) -> dict[str, Any]:
-    """Handle one streamed (namespace, mode, chunk): forward events, keep the latest state."""
+    """Handle one streamed (namespace, mode, chunk): forward ATLAS's events (not what a user's
+    tool writes to the stream), keep the latest state."""
     namespace, mode, chunk = part
     if mode == "custom":
-        emit(cast(dict[str, Any], chunk))
+        if isinstance(chunk, dict) and chunk.get("type") in EVENT_TYPES:
+            emit(cast(Event, chunk))
     elif mode == "values" and not namespace:
         return cast(dict[str, Any], chunk)
     return values
+
+
+def _start(ctx: RunContext, resumed: bool) -> StartEvent:
+    return {
+        "type": "start",
+        "event": "start",
+        "ts": round(time.time(), 3),
+        "run_id": ctx.run_id,
+        "models": ctx.models.describe(),
+        "resumed": resumed,
+    }
+
+
+def _end(result: RunResult) -> EndEvent:
+    event = {"type": "end", "event": "end", "ts": round(time.time(), 3), **result.to_dict()}
+    return cast(EndEvent, event)
 
 
 def _new_record(ctx: RunContext, model: str | None, task_file: str | None) -> RunRecord:
@@ -231,7 +249,10 @@ def run(
 
     One process at a time runs a given run: a second `run`/`resume` of the same run id while
     it runs raises `RunLocked` and does nothing.
+
+    `on_event` gets every progress event (see `atlas.events`), only on the calling thread.
     """
+    on_event = to_caller(on_event)
     begun = time.perf_counter()
     directory = state_dir(state_dir_path)
     store = RunStore(directory)
@@ -275,14 +296,7 @@ def _execute(
         "max_concurrency": _threads(spec),
     }
     emit = on_event or (lambda event: None)
-    emit(
-        {
-            "event": "start",
-            "run_id": ctx.run_id,
-            "models": ctx.models.describe(),
-            "resumed": resumed,
-        }
-    )
+    emit(_start(ctx, resumed))
     status = "error"
     error: BaseException | None = None
     started = time.perf_counter()
@@ -337,7 +351,7 @@ def _execute(
             store.update(ctx.run_id, **_record_fields(result))
         ctx.close()
         trace.close(status)
-        emit({"event": "end", **result.to_dict()})
+        emit(_end(result))
         _LAST_RESULT[0] = result
     return result
 
@@ -482,7 +496,11 @@ async def arun(
 
     Set-up and bookkeeping (local files, the run record, MLflow's client) run in a worker thread,
     so the event loop is never blocked by them.
+
+    `on_event` gets every progress event (see `atlas.events`), only on the caller's event loop
+    (in its thread), also those of the set-up and bookkeeping run in worker threads.
     """
+    on_event = to_caller(on_event)
     begun = time.perf_counter()
     directory = state_dir(state_dir_path)
     ctx = await asyncio.to_thread(_prepare, spec, directory, run_id=run_id, model=model)
@@ -494,9 +512,7 @@ async def arun(
     store = RunStore(directory)
     await asyncio.to_thread(store.start, _new_record(ctx, model, None))
     emit = on_event or (lambda event: None)
-    emit(
-        {"event": "start", "run_id": ctx.run_id, "models": ctx.models.describe(), "resumed": False}
-    )
+    emit(_start(ctx, False))
     started = time.perf_counter()
     values: dict[str, Any] = {}
     config: RunnableConfig = {
@@ -504,6 +520,7 @@ async def arun(
         "recursion_limit": _recursion_limit(spec),
     }
     status = "error"
+    error: BaseException | None = None
     try:
         async with _async_checkpointer(directory) as saver:
             from atlas.graph import build_graph
@@ -520,16 +537,33 @@ async def arun(
                     values = _consume(part, emit, values)
                 status = values.get("status") or "failed"
                 await asyncio.to_thread(trace.finish, ctx, values)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # A client that hung up (or a task.cancel()): the run stays resumable, like Ctrl-C.
+        status = "interrupted"
+        ctx.budget.cancel(RunInterrupted("the run was cancelled"))
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        result = _summarize(ctx, values, time.perf_counter() - started, trace, False)
+        wall = time.perf_counter() - started
+        salvaged = None
+        if status in ("error", "interrupted"):
+            with contextlib.suppress(Exception):
+                salvaged = await asyncio.to_thread(_salvage_output, ctx, values)
+        result = _summarize(ctx, values, wall, trace, False)
         result.status = status
         result.setup_s = round(started - begun, 3)
         result.run_dir = str(ctx.run_dir)
         _charge_journal(ctx, result)
+        if salvaged:
+            result.output = salvaged
+        if error is not None:
+            result.error = _one_line(error)
         await asyncio.to_thread(store.update, ctx.run_id, **_record_fields(result))
         ctx.close()
         await asyncio.to_thread(trace.close, status)
-        emit({"event": "end", **result.to_dict()})
+        emit(_end(result))
     return result
 
 
@@ -551,25 +585,3 @@ async def _async_checkpointer(directory: Path) -> Any:
             saver = AsyncSqliteSaver(conn)
             await saver.setup()
             yield saver
-
-
-def iter_events(spec: TaskSpec, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Run in a thread and yield progress events as they happen; the last one is `end`."""
-    import queue
-    import threading
-
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-
-    def work() -> None:
-        try:
-            run(spec, on_event=events.put, **kwargs)
-        except Exception as exc:
-            events.put({"event": "error", "error": _one_line(exc)})
-        finally:
-            events.put(None)
-
-    thread = threading.Thread(target=work, name="atlas-run", daemon=True)
-    thread.start()
-    while (event := events.get()) is not None:
-        yield event
-    thread.join()

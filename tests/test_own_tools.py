@@ -471,3 +471,19 @@ def test_a_tool_registered_in_code_and_a_server_declared_in_the_team_file(
     finally:
         atlas.unregister_tool("note_down")
     assert _wait_gone(_server_pids(tmp_path)) == []
+
+
+def test_a_whole_server_by_star_and_the_builtin_listing(tmp_path: Path) -> None:
+    """`mcp.<server>.*` gives the worker every tool the server offers; the dry run calls each
+    once (one of them fails, and is counted). `atlas tools` alone lists the built-in tools."""
+    task = _project(tmp_path, tools="mcp.warehouse.*")
+    listed = atlas_cli("tools", str(task), "--json", cwd=tmp_path, env=ENV)
+    (row,) = json.loads(listed.stdout)
+    assert [t["name"] for t in row["tools"]] == ["reserve_stock", "explode"]
+    proc = atlas_cli("run", str(task), "--model", "scripted", "--json", cwd=tmp_path, env=ENV)
+    summary = _summary(proc)
+    assert summary["tool_calls"] == 2 and summary["tool_errors"] == 1
+
+    builtin = atlas_cli("tools", cwd=tmp_path)
+    assert builtin.returncode == 0
+    assert "search_documents" in builtin.stdout and "query_data" in builtin.stdout

@@ -1,8 +1,8 @@
-"""Progress events, streamed through LangGraph's `custom` stream mode.
+"""Sending progress events from inside the graph, through LangGraph's `custom` stream mode.
 
-`atlas.run(..., on_event=...)`, `atlas.stream()` and the CLI's live view consume them. Every event
-is a small dict with an `event` key: plan, dispatch, step_start, handoff, step_done, verdict,
-budget_stop, finalize.
+The runner forwards them to `on_event`, `atlas.astream()` and `atlas.iter_events()` on the
+caller's thread or event loop, whichever thread a step runs in. What each event holds is in
+`atlas.events`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from langgraph.config import get_stream_writer
 
 
 def emit(event: dict[str, Any]) -> None:
-    """Send a progress event to whoever streams this run (nobody, when invoked plainly)."""
+    """Send a progress event to whoever streams this run (nobody, when invoked plainly).
+
+    `event["event"]` is its kind; the event also gets it as `type`, and a timestamp."""
     try:
         writer = get_stream_writer()
     except RuntimeError:  # called outside a graph run
         return
-    writer({"ts": round(time.time(), 3), **event})
+    writer({"ts": round(time.time(), 3), **event, "type": event["event"]})
