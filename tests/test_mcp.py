@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from atlas.errors import SpecError, ToolError
 from atlas.tools.mcp import McpConnectError, McpHub, McpServer, expand_env
+from tests.conftest import free_port
 
 SERVERS = Path(__file__).resolve().parent / "fixtures" / "mcp_servers"
 STDIO = SERVERS / "stdio_server.py"
@@ -95,12 +96,6 @@ def hub(make_hub: Callable[..., McpHub]) -> McpHub:
     hub = make_hub(local=stdio(timeout_s=2))
     hub.connect()
     return hub
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

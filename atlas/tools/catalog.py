@@ -253,11 +253,6 @@ class Toolbox:
         taken = {r.text for r in wt.refs if r.kind == "builtin"}
         return [self._mcp_tool(ref, info, taken) for info in self.mcp_tools(ref)]
 
-    def side_effects(self, tool: BaseTool) -> bool:
-        """Whether a tool declared side effects (a Python tool's flag, MCP's destructiveHint)."""
-        meta = tool.metadata or {}
-        return bool(meta.get("atlas.tool.side_effects") or meta.get("atlas.mcp.destructive"))
-
     def close(self) -> None:
         if self.hub is not None:
             self.hub.close()
@@ -345,8 +340,6 @@ def _check_unique(refs: tuple[Ref, ...], file: str, where: str) -> None:
     seen: dict[str, str] = {}
     for ref in refs:
         name = ref.source.name if ref.source is not None else ref.text
-        if ref.kind == "mcp":
-            name = ref.text
         if name in seen:
             raise SpecError(
                 f"two tools are named {name!r} ({seen[name]!r} and {ref.text!r})",
