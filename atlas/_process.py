@@ -9,6 +9,7 @@ import fcntl
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,9 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> st
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return None
+        except urllib.error.HTTPError as exc:
+            exc.close()  # not ready yet (a loading server answers 503); free its socket
+            time.sleep(0.2)
         except OSError:
             time.sleep(0.2)
     return f"did not answer at {url} within {timeout:g}s"

@@ -189,10 +189,10 @@ class CallJournal:
 
     def _append(self, entry: dict[str, Any]) -> None:
         # Opened per line (no file handle outlives a call, whoever owns the context); the
-        # append reaches the OS before the call goes on, which is what survives a kill.
+        # append reaches the OS before the call goes on, which is what survives a kill. Its
+        # folder (the run's) exists from the start: nothing here blocks an event loop.
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line)
 
@@ -288,6 +288,12 @@ class RunContext:
     """Tool calls made in this session."""
     tool_errors: int = 0
     """Tool calls that failed (raised, timed out, or answered `error: ...`) in this session."""
+    trace_id: str | None = None
+    """The MLflow trace this run's spans go to, once tracing has started."""
+    outcome: dict[str, Any] | None = None
+    """The final state, set by the `finalize` node."""
+    request: dict[str, Any] | None = None
+    """The embedded graph's input this run was made from (None for `atlas.run`)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_tool_call(self, failed: bool) -> None:

@@ -70,6 +70,10 @@ class RunLocked(AtlasError):
     exit_code = 2
 
 
+class OutputBusy(RunLocked):
+    """Another run of the same spec is writing the same output file right now."""
+
+
 class RunInterrupted(AtlasError):
     """The run was interrupted (Ctrl-C, SIGTERM): model calls that had not started are refused
     with this; the run stays resumable (exit code 130)."""

@@ -349,7 +349,7 @@ def to_caller(handler: Callable[[Any], None] | None) -> Callable[[Any], None] | 
 
 
 def _error(exc: BaseException) -> ErrorEvent:
-    from atlas.runner import _one_line
+    from atlas.session import one_line as _one_line
 
     return {"type": "error", "event": "error", "ts": round(time.time(), 3), "error": _one_line(exc)}
 

@@ -1,9 +1,11 @@
 """Embedding ATLAS in your own app.
 
-Two ways:
+Three ways:
 1. `atlas.run()` / `atlas.arun()` with a progress callback: the simplest.
-2. `atlas.build_graph(spec)` as a node of your own LangGraph graph: ATLAS becomes one step of a
-   bigger workflow, with your checkpointer and your streaming.
+2. `atlas.build_graph(spec)`: one compiled graph for many tasks, each invocation a run of its own
+   (its record, output folder and trace).
+3. The same graph as a node of your own LangGraph graph: ATLAS becomes one step of a bigger
+   workflow, with your checkpointer and your streaming.
 
 Run it (dry run, no network, no cost):
     python examples/embed_app.py
@@ -12,6 +14,7 @@ Run it (dry run, no network, no cost):
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 from typing import TypedDict
 
@@ -40,6 +43,15 @@ def with_callback() -> None:
     )
 
 
+def many_tasks(state_dir: Path) -> None:
+    graph = atlas.build_graph(
+        atlas.load_task(HERE / "quickstart" / "task.yaml"), state_dir=state_dir
+    )
+    for task in ("Count the trips in the pilot data.", "List what the managers' notes praise."):
+        out = graph.invoke({"task": task}, context={"model": "scripted"})
+        print(f"graph: {out['status']} {out['run_id']} -> {out['output_path']}")
+
+
 class AppState(TypedDict, total=False):
     task: str
     status: str
@@ -47,7 +59,7 @@ class AppState(TypedDict, total=False):
     notified: bool
 
 
-def as_subgraph() -> None:
+def as_subgraph(state_dir: Path) -> None:
     spec = atlas.TaskSpec.from_dict(
         {
             "task": "Summarise the café managers' notes for the owners.",
@@ -65,7 +77,7 @@ def as_subgraph() -> None:
         return {"notified": True}
 
     app = StateGraph(AppState)
-    app.add_node("atlas", atlas.build_graph(spec))
+    app.add_node("atlas", atlas.build_graph(spec, state_dir=state_dir))
     app.add_node("notify", notify)
     app.add_edge(START, "atlas")
     app.add_edge("atlas", "notify")
@@ -75,5 +87,7 @@ def as_subgraph() -> None:
 
 
 if __name__ == "__main__":
-    with_callback()
-    as_subgraph()
+    with tempfile.TemporaryDirectory() as tmp:
+        with_callback()
+        many_tasks(Path(tmp))
+        as_subgraph(Path(tmp))

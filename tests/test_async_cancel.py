@@ -54,3 +54,37 @@ def test_a_run_cancelled_after_a_step_finished_keeps_a_partial_output(tmp_path: 
     assert record.status == "interrupted"
     partial = spec.output_path.with_name(spec.output_path.stem + ".partial.md")
     assert partial.is_file() and partial.read_text().strip()
+
+
+def _calls(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.parametrize("point", ["dispatch", "writing step"])
+def test_a_cancelled_arun_resumes_without_repeating_a_finished_call(
+    point: str, tmp_path: Path
+) -> None:
+    """The sync `resume` of a run whose async caller cancelled it: passes, and makes exactly
+    the calls an uninterrupted run makes (none twice)."""
+    when = {
+        "dispatch": lambda e: e["type"] == "dispatch",
+        "writing step": lambda e: e["type"] == "step_start" and e.get("team") == "writing",
+    }[point]
+    (tmp_path / "cut").mkdir()
+    spec = atlas.load_task(_write_task(tmp_path / "cut"))
+    log = tmp_path / "cut" / "calls.jsonl"
+    state = tmp_path / "cut" / "state"
+    run_id = _cancel_when(spec, f"scripted?latency_ms=100&call_log={log}", state, when)
+    assert RunStore(state).get(run_id).status == "interrupted"
+    before = _calls(log)
+    resumed = atlas.resume(run_id, state_dir_path=state)
+    assert resumed.status == "passed" and resumed.resumed
+    (tmp_path / "whole").mkdir()
+    whole_spec = atlas.load_task(_write_task(tmp_path / "whole"))
+    whole_log = tmp_path / "whole" / "calls.jsonl"
+    whole = atlas.run(
+        whole_spec, model=f"scripted?call_log={whole_log}", state_dir_path=tmp_path / "whole" / "s"
+    )
+    assert whole.status == "passed"
+    assert 0 < before < _calls(log)
+    assert _calls(log) == _calls(whole_log), "a finished model call was made again"

@@ -245,7 +245,7 @@ def test_compiled_graph_embeds_as_a_subgraph(
 
     monkeypatch.chdir(tmp_path)
     spec = make_spec(models={"default": "scripted"})
-    inner = build_graph(spec)
+    inner = build_graph(spec, state_dir=tmp_path / "state")
 
     class Outer(TypedDict, total=False):
         task: str
@@ -258,7 +258,10 @@ def test_compiled_graph_embeds_as_a_subgraph(
     outer.add_edge("atlas", END)
     final = outer.compile().invoke({"task": spec.task}, {"configurable": {"thread_id": "embed-1"}})
     assert final["status"] == "passed"
-    assert Path(final["output_path"]).exists()
+    # Written in the run's own folder under the state directory, not in the working directory.
+    assert Path(final["output_path"]).is_relative_to(tmp_path / "state" / "runs")
+    assert Path(final["output_path"]).read_text().strip()
+    assert not (tmp_path / ".atlas").exists()
 
 
 def test_iter_events_streams_progress_then_the_summary(

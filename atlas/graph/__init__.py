@@ -2,47 +2,53 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.graph.build import build_run_graph
 from atlas.graph.team import build_team
 
 if TYPE_CHECKING:
-    from langgraph.graph.state import CompiledStateGraph
-
-    from atlas.context import RunContext
+    from atlas.embed import AtlasGraph
     from atlas.spec import TaskSpec
+
+PLACEHOLDER_TASK = "(each invocation gives its own task)"
 
 
 def build_graph(
-    spec: TaskSpec,
+    spec: TaskSpec | None = None,
     *,
     checkpointer: Any = None,
-    context: RunContext | None = None,
     model: str | None = None,
-) -> CompiledStateGraph[Any, Any, Any, Any]:
-    """Compile the run graph for a task.
+    state_dir: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+) -> AtlasGraph:
+    """Compile the graph to embed: in an app, as a node of a parent graph, or in LangGraph's
+    server. One graph serves many tasks: `graph.invoke({"task": "..."}, config)`.
 
-    The graph takes `RunContext` as LangGraph runtime context (`graph.invoke(state, context=ctx)`).
-    When a caller invokes it without one (for example as a subgraph of their own graph), a context
-    is made for each thread id on first use, with run id = thread id and state under `.atlas/`.
+    `spec` gives the defaults every invocation starts from (teams, models, memory, tracing,
+    budget); without one, ATLAS's defaults. Its `task` is not used. Each invocation is a run
+    with its own record, output folder and trace, under `state_dir` (else `$ATLAS_STATE_DIR`,
+    else `~/.local/state/atlas`). `checkpointer` makes runs resumable: invoke the thread with
+    `None` to resume. As a node of a parent graph it uses the parent's checkpointer.
     """
-    from atlas.context import RunContext
+    from atlas.embed import AtlasContext, AtlasGraph, Defaults
+    from atlas.spec import TaskSpec
 
-    made: dict[str, RunContext] = {}
-
-    def fallback() -> RunContext:
-        if context is not None:
-            return context
-        from langgraph.config import get_config
-
-        thread = str(get_config().get("configurable", {}).get("thread_id") or "default")
-        if thread not in made:
-            made[thread] = RunContext.create(spec, run_id=thread, model=model)
-        return made[thread]
-
-    graph = build_run_graph(context or spec, fallback=fallback)
-    return graph.compile(checkpointer=checkpointer, name="atlas")
+    if spec is None:
+        spec = TaskSpec.from_dict({"task": PLACEHOLDER_TASK}, base_dir=Path.cwd())
+    graph = build_run_graph(spec, public=True)
+    graph.context_schema = AtlasContext
+    compiled = graph.compile(checkpointer=checkpointer, name="atlas")
+    attrs = {k: v for k, v in compiled.__dict__.items() if k != "__orig_class__"}
+    defaults = Defaults(
+        spec=spec,
+        model=model,
+        state_dir=str(state_dir) if state_dir is not None else None,
+        tracking_uri=tracking_uri,
+    )
+    return AtlasGraph(atlas_defaults=defaults, **attrs)
 
 
 __all__ = ["build_graph", "build_run_graph", "build_team"]

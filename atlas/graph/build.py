@@ -1,11 +1,11 @@
 """The run graph.
 
-    plan -> dispatch -> team.<name> (in parallel) -> dispatch ... -> judge -> plan | finalize
+    start -> plan -> dispatch -> team.<name> (in parallel) -> dispatch ... -> judge
+                                                                   -> plan | finalize
 
-
-Node names are stable (`plan`, `dispatch`, `team.<name>`, `judge`, `finalize`) so traces and
-checkpoints read well. `dispatch` sends every ready step at once with `Send`; a step is ready when
-every step it depends on has a result.
+Node names are stable (`start`, `plan`, `dispatch`, `team.<name>`, `judge`, `finalize`) so traces
+and checkpoints read well. `dispatch` sends every ready step at once with `Send`; a step is ready
+when every step it depends on has a result.
 """
 
 from __future__ import annotations
@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Send
+from langgraph.types import Command, Send
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, Io, node
 from atlas.graph.events import emit
+from atlas.graph.io import AtlasInput, AtlasOutput
 from atlas.graph.judge import current_output, judge_body
 from atlas.graph.memory import store_output
 from atlas.graph.planner import plan_body
-from atlas.graph.state import RunState
+from atlas.graph.state import RESET, RunState
 from atlas.graph.team import build_team
 from atlas.models.usage import totals
+from atlas.spec import TaskSpec
 
 MAX_CONTEXT_PER_STEP = 2500
 
@@ -76,7 +78,12 @@ def dispatch_body(state: dict[str, Any], ctx: RunContext) -> Body:
             span.set_outputs({"steps": ids})
         emit({"event": "dispatch", "steps": ids, "teams": [s["team"] for s in ready]})
     update["wave"] = ids
-    return update
+    # Routed from here, with the update, in one write: a cancel can never keep the wave
+    # without its steps (LangGraph would take the half as the node's result on resume).
+    stop = state.get("stop_reason") or update.get("stop_reason")  # the first one set wins
+    return Command(
+        update=update, goto=route_dispatch({**state, **update, "stop_reason": stop}, ctx)
+    )
     yield
 
 
@@ -92,9 +99,35 @@ def _context_for(step: dict[str, Any], results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def route_dispatch(state: dict[str, Any], ctx_task: str, criteria: list[str]) -> Any:
+def start_body(state: dict[str, Any], ctx: RunContext) -> Body:
+    """The first node of a run: a thread that held another run starts clean."""
+    update: dict[str, Any] = {"run_id": ctx.run_id, "task": ctx.spec.task, "request": ctx.request}
+    if state.get("run_id") not in (None, ctx.run_id) or state.get("status"):
+        update.update(
+            plans=RESET,
+            results=RESET,
+            verdicts=RESET,
+            usage=RESET,
+            stop_reason=RESET,
+            iteration=0,
+            plan=[],
+            wave=[],
+            plan_cut=None,
+            verdict=None,
+            status=None,
+            output_path=None,
+            output="",
+        )
+    return update
+    yield
+
+
+def route_dispatch(state: dict[str, Any], ctx: RunContext) -> Any:
+    """Where `dispatch` goes: a `Send` per step of the wave, else the judge, or `finalize`
+    after a stop."""
     if state.get("stop_reason"):
         return "finalize"
+    spec = ctx.spec
     wave = set(state.get("wave") or [])
     sends = []
     results = state.get("results") or {}
@@ -102,23 +135,30 @@ def route_dispatch(state: dict[str, Any], ctx_task: str, criteria: list[str]) ->
         if step["id"] in wave:
             emit({"event": "step_start", "id": step["id"], "team": step["team"]})
             payload = {
-                "task": ctx_task,
+                "task": spec.task.strip(),
                 "step": step,
                 "context": _context_for(step, results),
-                "criteria": criteria,
+                "criteria": list(spec.acceptance),
                 "iteration": state.get("iteration", 1),
             }
             sends.append(Send(f"team.{step['team']}", payload))
     return sends or "judge"
 
 
-def route_judge(state: dict[str, Any], max_iterations: int) -> str:
+def route_judge(state: dict[str, Any], ctx: RunContext) -> str:
     verdict = state.get("verdict") or {}
     if state.get("stop_reason") or verdict.get("passed"):
         return "finalize"
-    if int(state.get("iteration", 1)) >= max_iterations:
+    if int(state.get("iteration", 1)) >= ctx.spec.budget.max_iterations:
         return "finalize"
     return "plan"
+
+
+def routed_judge(state: dict[str, Any], ctx: RunContext) -> Body:
+    """The judge, routed from inside the node (as `dispatch`)."""
+    update = yield from judge_body(state, ctx)
+    stop = state.get("stop_reason") or update.get("stop_reason")
+    return Command(update=update, goto=route_judge({**state, **update, "stop_reason": stop}, ctx))
 
 
 def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
@@ -139,10 +179,10 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
     if status == "budget_exhausted":
         with ctx.tracer.span("budget_stop", attributes={"atlas.stop_reason": stop}):
             pass
-    output = current_output(state, ctx)
+    output = yield Io(current_output, (state, ctx))
     written: str | None = None
     if output.strip():
-        path = write_output(ctx.spec.output_path, output)
+        path = yield Io(write_output, (ctx.spec.output_path, output))
         written = str(path)
         yield Io(store_output, (ctx, output, written))
     else:
@@ -154,6 +194,7 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
     plan_file = ctx.run_dir / "plan.json"
     plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
     run = totals(state.get("usage"))
+    cost = run.get("cost_usd") if not run.get("cost_unknown_calls") else None
     emit(
         {
             "event": "finalize",
@@ -163,7 +204,18 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
             "tokens": run["tokens"],
         }
     )
-    return {"status": status, "output_path": written, "stop_reason": stop}
+    final = {
+        "status": status,
+        "output_path": written,
+        "output": output,
+        "stop_reason": stop,
+        "tokens": run["tokens"],
+        "cost_usd": round(cost, 6) if isinstance(cost, float | int) else None,
+        "model_calls": run["calls"],
+        "trace_id": ctx.trace_id,
+    }
+    ctx.outcome = {**state, **final}
+    return final
 
 
 def previous_path(path: Path) -> Path:
@@ -197,37 +249,41 @@ def write_output(path: Path, text: str) -> Path:
     return path
 
 
-def build_run_graph(ctx_or_spec: Any, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:
-    """The top-level graph for a task, uncompiled."""
+def build_run_graph(
+    ctx_or_spec: RunContext | TaskSpec, *, public: bool = False
+) -> StateGraph[Any, Any, Any, Any]:
+    """The top-level graph for a spec's teams, uncompiled. Its nodes take the run's
+    `RunContext` from LangGraph's runtime context.
+
+    `public` gives it the embedded graph's input and output (`AtlasInput`, `AtlasOutput`);
+    otherwise it takes and gives the whole `RunState` (what `atlas.run` streams)."""
     spec = ctx_or_spec.spec if isinstance(ctx_or_spec, RunContext) else ctx_or_spec
     from atlas.registry import Registry
 
     registry = (
         ctx_or_spec.registry if isinstance(ctx_or_spec, RunContext) else Registry.for_spec(spec)
     )
-    task = spec.task.strip()
-    criteria = list(spec.acceptance)
-    max_iterations = spec.budget.max_iterations
-    graph: StateGraph[Any, Any, Any, Any] = StateGraph(RunState, context_schema=RunContext)
-    graph.add_node("plan", node("plan", plan_body, fallback))
-    graph.add_node("dispatch", node("dispatch", dispatch_body, fallback))
-    team_nodes = []
+    schemas: dict[str, Any] = (
+        {"input_schema": AtlasInput, "output_schema": AtlasOutput} if public else {}
+    )
+    graph: StateGraph[Any, Any, Any, Any] = StateGraph(
+        RunState, context_schema=RunContext, **schemas
+    )
+    graph.add_node("start", node("start", start_body))
+    graph.add_node("plan", node("plan", plan_body))
+    graph.add_node(
+        "dispatch",
+        node("dispatch", dispatch_body),
+        destinations=(*[f"team.{name}" for name in spec.teams], "judge", "finalize"),
+    )
     for name in spec.teams:
-        team_graph = build_team(registry.team(name), fallback=fallback).compile()
+        team_graph = build_team(registry.team(name)).compile()
         graph.add_node(f"team.{name}", team_graph)
         graph.add_edge(f"team.{name}", "dispatch")
-        team_nodes.append(f"team.{name}")
-    graph.add_node("judge", node("judge", judge_body, fallback))
-    graph.add_node("finalize", node("finalize", finalize_body, fallback))
-    graph.add_edge(START, "plan")
+    graph.add_node("judge", node("judge", routed_judge), destinations=("plan", "finalize"))
+    graph.add_node("finalize", node("finalize", finalize_body))
+    graph.add_edge(START, "start")
+    graph.add_edge("start", "plan")
     graph.add_edge("plan", "dispatch")
-    graph.add_conditional_edges(
-        "dispatch",
-        lambda state: route_dispatch(state, task, criteria),
-        [*team_nodes, "judge", "finalize"],
-    )
-    graph.add_conditional_edges(
-        "judge", lambda state: route_judge(state, max_iterations), ["plan", "finalize"]
-    )
     graph.add_edge("finalize", END)
     return graph

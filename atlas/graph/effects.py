@@ -316,14 +316,17 @@ def _tool_config(config: RunnableConfig | None) -> RunnableConfig:
 NodeBody = Callable[[dict[str, Any], RunContext], Body]
 
 
-def current_context(fallback: Callable[[], RunContext] | None = None) -> RunContext:
+def current_context() -> RunContext:
+    """The run's context. `atlas.build_graph()` makes one per invocation; a graph compiled from
+    `build_run_graph` or `build_team` must be given one (`context=`)."""
     runtime = get_runtime()
     ctx = runtime.context if runtime is not None else None
     if isinstance(ctx, RunContext):
         return ctx
-    if fallback is not None:
-        return fallback()
-    raise ModelConfigError("this graph needs an atlas RunContext: use atlas.run() or pass context=")
+    raise ModelConfigError(
+        "this graph needs an atlas RunContext: use atlas.build_graph(), atlas.run(), or pass "
+        "context="
+    )
 
 
 class _Node(Runnable[dict[str, Any], Any]):
@@ -333,28 +336,23 @@ class _Node(Runnable[dict[str, Any], Any]):
     callback run (and a second, empty trace span) under the one LangGraph opens for the node.
     """
 
-    def __init__(
-        self, name: str, body: NodeBody, fallback: Callable[[], RunContext] | None
-    ) -> None:
+    def __init__(self, name: str, body: NodeBody) -> None:
         self.name = name
         self._body = body
-        self._fallback = fallback
 
     def invoke(
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> Any:
-        ctx = current_context(self._fallback)
+        ctx = current_context()
         return _drive(self._body(input, ctx), ctx, config)
 
     async def ainvoke(
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> Any:
-        ctx = current_context(self._fallback)
+        ctx = current_context()
         return await _adrive(self._body(input, ctx), ctx, config)
 
 
-def node(
-    name: str, body: NodeBody, fallback: Callable[[], RunContext] | None = None
-) -> Runnable[Any, Any]:
+def node(name: str, body: NodeBody) -> Runnable[Any, Any]:
     """Make a LangGraph node, with sync and async paths, from a generator body."""
-    return _Node(name, body, fallback)
+    return _Node(name, body)

@@ -13,7 +13,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
-from atlas.graph.effects import Body, CallResult, ModelCall
+from atlas.graph.effects import Body, CallResult, Io, ModelCall
 from atlas.graph.events import emit
 from atlas.graph.limits import clip, limits_for
 from atlas.graph.state import Verdict
@@ -66,7 +66,7 @@ def normalize(verdict: dict[str, Any], criteria: list[str], threshold: float) ->
 def judge_body(state: dict[str, Any], ctx: RunContext) -> Body:
     spec = ctx.spec
     iteration = int(state.get("iteration", 1))
-    output = current_output(state, ctx)
+    output = yield Io(current_output, (state, ctx))
     lines = [f"Task: {spec.task.strip()}", f"Iteration: {iteration}", "", "Acceptance criteria:"]
     lines += [f"{i}. {c}" for i, c in enumerate(spec.acceptance, 1)] or [
         "1. The output fully does the task."

@@ -61,18 +61,36 @@ def plan_schema(teams: list[str], max_steps: int = 12) -> type[BaseModel]:
 
 # -- reducers -------------------------------------------------------------------------------------
 
+RESET: dict[str, Any] = {"__atlas_reset__": True}
+"""Written to an accumulating channel, empties it: a new task on a thread that already holds a
+run starts clean instead of inheriting that run's results, usage and stop reason."""
+
+
+def is_reset(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("__atlas_reset__") is True
+
 
 def merge_dicts(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    if is_reset(right):
+        return {}
     return {**(left or {}), **(right or {})}
 
 
 def first_set(left: Any, right: Any) -> Any:
     """Keeps the first value written (the first stop reason wins)."""
+    if is_reset(right):
+        return None
     return left if left else right
 
 
 def append(left: list[Any] | None, right: list[Any] | None) -> list[Any]:
+    if is_reset(right):
+        return []
     return [*(left or []), *(right or [])]
+
+
+def add_usage(left: Usage | None, right: Usage | None) -> Usage:
+    return {} if is_reset(right) else merge_usage(left, right)
 
 
 # -- state ----------------------------------------------------------------------------------------
@@ -94,6 +112,10 @@ class StepResult(TypedDict, total=False):
 class RunState(TypedDict, total=False):
     """The top-level graph's state."""
 
+    run_id: str
+    """The run this state belongs to; a new run on the same thread resets the rest."""
+    request: dict[str, Any] | None
+    """The embedded graph's input this run was made from: what a resume rebuilds it with."""
     task: str
     iteration: int
     plan: list[dict[str, Any]]
@@ -108,10 +130,16 @@ class RunState(TypedDict, total=False):
     results: Annotated[dict[str, StepResult], merge_dicts]
     verdict: dict[str, Any] | None
     verdicts: Annotated[list[dict[str, Any]], append]
-    usage: Annotated[Usage, merge_usage]
+    usage: Annotated[Usage, add_usage]
     stop_reason: Annotated[str | None, first_set]
     status: str
     output_path: str | None
+    output: str
+    """The output's text (the file holds the same)."""
+    tokens: int
+    cost_usd: float | None
+    model_calls: int
+    trace_id: str | None
 
 
 class TeamInput(TypedDict):
@@ -141,5 +169,5 @@ class TeamState(TeamInput, total=False):
     summary: str
     note: str
     results: Annotated[dict[str, StepResult], merge_dicts]
-    usage: Annotated[Usage, merge_usage]
+    usage: Annotated[Usage, add_usage]
     stop_reason: Annotated[str | None, first_set]

@@ -399,7 +399,7 @@ def _extract_entities(ctx: RunContext, team: TeamDef, text: str, record: Any) ->
     return result.usage
 
 
-def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, Any, Any]:
+def build_team(team: TeamDef) -> StateGraph[Any, Any, Any, Any]:
     """The team's supervisor graph, uncompiled: START -> supervisor <-> workers -> report.
 
     A one-worker team is START -> worker -> report.
@@ -407,22 +407,22 @@ def build_team(team: TeamDef, *, fallback: Any = None) -> StateGraph[Any, Any, A
     graph: StateGraph[Any, Any, Any, Any] = StateGraph(
         TeamState, input_schema=TeamInput, output_schema=TeamOutput
     )
-    graph.add_node("report", node("report", report_body(team), fallback))
+    graph.add_node("report", node("report", report_body(team)))
     graph.add_edge("report", END)
     if len(team.workers) == 1:
         # Nothing to route: the step goes to the one worker, and its answer is the report.
         (worker,) = team.workers
-        graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
+        graph.add_node(worker.name, node(worker.name, worker_body(team, worker)))
         graph.add_edge(START, worker.name)
         graph.add_edge(worker.name, "report")
         return graph
     graph.add_node(
         "supervisor",
-        node("supervisor", supervisor_body(team), fallback),
+        node("supervisor", supervisor_body(team)),
         destinations=(*[w.name for w in team.workers], "report"),
     )
     for worker in team.workers:
-        graph.add_node(worker.name, node(worker.name, worker_body(team, worker), fallback))
+        graph.add_node(worker.name, node(worker.name, worker_body(team, worker)))
         graph.add_edge(worker.name, "supervisor")
     graph.add_edge(START, "supervisor")
     return graph

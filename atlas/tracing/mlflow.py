@@ -207,6 +207,7 @@ def _get(
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return int(response.status), None
     except urllib.error.HTTPError as exc:
+        exc.close()  # an HTTPError holds the response's socket open until closed
         return int(exc.code), None
     except (OSError, ValueError) as exc:
         name = type(getattr(exc, "reason", None) or exc).__name__
@@ -597,6 +598,8 @@ class MlflowTrace:
         self._artifacts: list[Path] = []
         self._metrics: dict[str, float] = {}
         self._started = time.perf_counter()
+        self.nested = False
+        """Whether the root span is a child of the caller's span (the caller's trace)."""
 
     @classmethod
     def start(
@@ -654,18 +657,34 @@ class MlflowTrace:
 
     @contextlib.contextmanager
     def root(self, ctx: RunContext, *, resumed: bool) -> Iterator[None]:
-        """The MLflow run and the trace's root span around the graph's execution.
+        """`begin`, `attach` and `end` around the graph's execution, on one thread."""
+        self.begin(ctx, resumed=resumed)
+        token = self.attach()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.detach(token)
+            self.end(error)
+
+    def begin(self, ctx: RunContext, *, resumed: bool) -> None:
+        """Start the MLflow run and the trace's root span (blocking: the store is written).
 
         The run is managed through the client with its id, not MLflow's thread-local "active
-        run", so parallel and async runs in one process never see each other's run. When the
-        root span ends the trace is written (synchronously); if MLflow reports that failing, the
-        run goes on and its summary has no trace id.
+        run", so parallel and async runs in one process never see each other's run. When a span
+        is active in the caller's context (ATLAS inside a traced graph or app), the root span is
+        its child and ATLAS's spans join the caller's trace; otherwise the run has a trace of its
+        own. If MLflow fails here, the run goes on untraced and its summary has no trace id.
         """
         import mlflow
+        from mlflow.tracing.constant import TraceMetadataKey
 
         quiet_mlflow_logs()
         client = mlflow.MlflowClient(self._uri)
-        root_cm: Any = None
+        parent = mlflow.get_current_active_span()
         try:
             with QUIET.capture() as found:
                 run = client.create_run(
@@ -690,47 +709,75 @@ class MlflowTrace:
                 )
             for _, line in found:
                 log.debug("MLflow while starting the run: %s", line)
-            opening = mlflow.start_span("atlas.task", span_type="AGENT")
-            span = opening.__enter__()
-            root_cm = opening
-            export_whole_traces()
-            span.set_inputs({"task": ctx.spec.task, "acceptance": list(ctx.spec.acceptance)})
-            span.set_attributes({"atlas.run_id": ctx.run_id, "atlas.resumed": resumed})
-            self.trace_id = span.trace_id
-            self.tracer.root = span
-            mlflow.update_current_trace(
-                tags={"atlas.run_id": ctx.run_id},
-                metadata={"atlas.resumed": str(resumed), "mlflow.sourceRun": self.mlflow_run_id},
-                session_id=ctx.run_id,
-                model_id=model_id,
+            own: dict[str, Any] = {}
+            if parent is None:
+                metadata: dict[str, str] = {
+                    "atlas.resumed": str(resumed),
+                    "mlflow.sourceRun": self.mlflow_run_id,
+                    TraceMetadataKey.TRACE_SESSION: ctx.run_id,
+                }
+                if model_id:
+                    metadata[TraceMetadataKey.MODEL_ID] = model_id
+                own = {
+                    "tags": {"atlas.run_id": ctx.run_id},
+                    "metadata": metadata,
+                    "experiment_id": self.experiment_id,
+                }
+            span = mlflow.start_span_no_context(
+                "atlas.task",
+                span_type="AGENT",
+                parent_span=parent,
+                inputs={"task": ctx.spec.task, "acceptance": list(ctx.spec.acceptance)},
+                **own,
             )
+            span.set_attributes({"atlas.run_id": ctx.run_id, "atlas.resumed": resumed})
+            export_whole_traces()
+            self.nested = parent is not None
+            self.trace_id = ctx.trace_id = span.trace_id
+            self.tracer.root = span
         except Exception as exc:
             log.debug("could not start the trace: %s", exc)
-            if root_cm is None:
-                self._not_stored(f"could not start it: {_exc_line(exc)}")
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if root_cm is not None:
-                self._end_root(root_cm, error)
+            self._not_stored(f"could not start it: {_exc_line(exc)}")
 
-    def _end_root(self, root_cm: Any, error: BaseException | None) -> None:
-        """End the root span, which writes the trace; notice when MLflow could not write it."""
+    def attach(self) -> Any:
+        """Make the root span the active one in the caller's context (cheap; on the thread or
+        event loop that runs the graph), so the model and tool spans of MLflow's LangChain
+        autolog nest under it. Returns the token for `detach`."""
+        if self.tracer.root is None:
+            return None
+        from mlflow.tracing.provider import set_span_in_context
+
+        with contextlib.suppress(Exception):
+            return set_span_in_context(self.tracer.root)
+        return None
+
+    def detach(self, token: Any) -> None:
+        if token is None:
+            return
+        from mlflow.tracing.provider import detach_span_from_context
+
+        with contextlib.suppress(Exception):
+            detach_span_from_context(token)
+
+    def end(self, error: BaseException | None) -> None:
+        """End the root span, which writes the trace (blocking) unless it is part of the
+        caller's trace; notice when MLflow could not write it."""
+        span, self.tracer.root = self.tracer.root, None
+        if span is None:
+            return
         failure: str | None = None
         with QUIET.capture() as found:
             try:
-                if error is not None:
-                    root_cm.__exit__(type(error), error, error.__traceback__)
+                if isinstance(error, Exception):
+                    from mlflow.entities import SpanEvent
+
+                    span.add_event(SpanEvent.from_exception(error))
+                    span.end(status="ERROR")
                 else:
-                    root_cm.__exit__(None, None, None)
+                    span.end()
             except Exception as exc:
-                if exc is not error:
-                    failure = _exc_line(exc)
-        if failure is None and not found:
+                failure = _exc_line(exc)
+        if self.nested or (failure is None and not found):
             return
         if failure is None and self.trace_id and self._stored(self.trace_id):
             # MLflow complained about something else (attachments, prompt links).
@@ -819,7 +866,7 @@ class MlflowTrace:
             steps.append((path.name, functools.partial(client.log_artifact, run_id, str(path))))
         steps.append(("trace", mlflow.flush_trace_async_logging))
         trace_id, verdict = self.trace_id, self._verdict
-        if trace_id and verdict:
+        if trace_id and verdict and not self.nested:  # the caller's trace is not stored yet
             criteria = list(self.spec.acceptance)
             steps.append(("verdict", lambda: log_verdict(trace_id, verdict, criteria)))
         final = "FINISHED" if status in (None, "passed", "failed", "budget_exhausted") else "FAILED"

@@ -24,6 +24,18 @@ class NullTrace:
     def root(self, ctx: RunContext, *, resumed: bool) -> Iterator[None]:
         yield
 
+    def begin(self, ctx: RunContext, *, resumed: bool) -> None:
+        pass
+
+    def attach(self) -> Any:
+        return None
+
+    def detach(self, token: Any) -> None:
+        pass
+
+    def end(self, error: BaseException | None) -> None:
+        pass
+
     def finish(self, ctx: RunContext, values: dict[str, Any]) -> None:
         pass
 
