@@ -92,6 +92,7 @@ def spec_for(base: TaskSpec, request: Mapping[str, Any], output_dir: Path) -> Ta
         )
     data = base.model_dump(exclude={"base_dir"})
     data["task"] = task
+    data["name"] = None  # named after its own task, unless the input names it
     for key in ("acceptance", "name", "inputs"):
         if request.get(key) is not None:
             data[key] = request[key]
@@ -221,7 +222,14 @@ class AtlasGraph(CompiledStateGraph[Any, Any, Any, Any]):
                 yield part
             return
         saved = await self._asaved(input, config)
-        inv = await asyncio.to_thread(self._begin, input, config, context, saved)
+        begin = asyncio.ensure_future(asyncio.to_thread(self._begin, input, config, context, saved))
+        try:
+            inv = await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            # Cancelled during set-up: the run is made (or fails) in its thread all the same;
+            # once it is, end it as interrupted rather than leave it `running`.
+            begin.add_done_callback(self._end_unstarted)
+            raise
         token = inv.session.trace.attach()
         try:
             parts = super().astream(inv.input, inv.config, context=inv.session.ctx, **kwargs)
@@ -238,7 +246,16 @@ class AtlasGraph(CompiledStateGraph[Any, Any, Any, Any]):
             raise
         finally:
             inv.session.trace.detach(token)
-            await asyncio.to_thread(inv.end, self)
+            # Shielded: a server that cancels every await after the first (Starlette's cancel
+            # scope, on a client that hung up) would otherwise drop the run's end unwritten.
+            await asyncio.shield(asyncio.to_thread(inv.end, self))
+
+    def _end_unstarted(self, begun: asyncio.Future[_Invocation]) -> None:
+        if begun.cancelled() or begun.exception() is not None:
+            return
+        made = begun.result()
+        made.stopped("the run was cancelled")
+        asyncio.get_running_loop().run_in_executor(None, made.end, self)
 
 
 class _Invocation:

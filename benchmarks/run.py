@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads
+from benchmarks.first_event import bench_first_event
 from benchmarks.memory import bench_memory
 
 HERE = Path(__file__).resolve().parent
@@ -348,6 +349,7 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "tracking_down": lambda a: bench_tracking_down(a.rounds),
     "memory": lambda a: bench_memory(a.rounds),
     "mcp_tool": lambda a: bench_mcp_tool(),
+    "first_event": lambda a: bench_first_event(),
 }
 
 
@@ -461,6 +463,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {m['mcp_stdio_ms']:.2f} ms vs {m['plain_tool_ms']:.3f} ms per call "
             f"({m['ratio']:.0f}x; server start {m['connect_ms']:.0f} ms, once per run) "
             "| report | - |"
+        )
+    if "first_event" in b:
+        f = b["first_event"]
+        lines.append(
+            "| FastAPI example: POST /runs to its first server-sent event (dry run, warm) "
+            f"| {f['first_event_ms']:.0f} ms (to `end`: {f['end_ms']:.0f} ms) | {f['goal']} "
+            f"| {_yes(f)} |"
         )
     if "memory" in b:
         lines += _memory_rows(b["memory"])

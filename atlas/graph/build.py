@@ -102,6 +102,16 @@ def _context_for(step: dict[str, Any], results: dict[str, Any]) -> str:
 def start_body(state: dict[str, Any], ctx: RunContext) -> Body:
     """The first node of a run: a thread that held another run starts clean."""
     update: dict[str, Any] = {"run_id": ctx.run_id, "task": ctx.spec.task, "request": ctx.request}
+    if ctx.request is not None:
+        # An embedded run's stream starts with the run's id (`atlas.run` sends its own).
+        emit(
+            {
+                "event": "start",
+                "run_id": ctx.run_id,
+                "models": ctx.models.describe(),
+                "resumed": False,
+            }
+        )
     if state.get("run_id") not in (None, ctx.run_id) or state.get("status"):
         update.update(
             plans=RESET,

@@ -87,7 +87,7 @@ async def start_run(body: RunRequest, request: Request) -> StreamingResponse:
     graph: AtlasGraph = request.app.state.graph
     task = body.model_dump(exclude_none=True)
     # The checks the run makes at its start, made here while an HTTP error can still be sent
-    # (once the stream has begun, the status is 200). In a thread: it reads the task's files.
+    # (once the stream has begun, the status is 200). In a thread: it globs the task's files.
     try:
         await asyncio.to_thread(
             spec_for, graph.atlas_defaults.spec, task, request.app.state.state_dir
