@@ -52,7 +52,9 @@ class RunRequest(BaseModel):
         None, description="Criteria the judge checks; the task file's when left out."
     )
     namespace: str | None = Field(
-        None, description="The memory partition this run reads and writes."
+        None,
+        description="The memory partition this run reads and writes (refused until ATLAS's "
+        "memory namespaces land).",
     )
 
 
