@@ -39,30 +39,30 @@ def _ctx(make_spec: Callable[..., Any], state_dir: Path, models: dict[str, Any])
 def test_openai_sdk_chat_tools_and_usage(fake: FakeProviders) -> None:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{fake.url}/v1", api_key="test", max_retries=0)
-    reply = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
-    )
-    assert reply.choices[0].message.content
-    assert reply.usage is not None and reply.usage.prompt_tokens > 0
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "search_documents",
-            "parameters": {
-                "type": "object",
-                "properties": {"query": {"type": "string"}},
-                "required": ["query"],
+    with OpenAI(base_url=f"{fake.url}/v1", api_key="test", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content
+        assert reply.usage is not None and reply.usage.prompt_tokens > 0
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "search_documents",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}},
+                    "required": ["query"],
+                },
             },
-        },
-    }
-    reply = client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "Step: find brakes"}],
-        tools=[tool],
-    )  # type: ignore[list-item]
-    call = reply.choices[0].message.tool_calls[0]  # type: ignore[index]
-    assert call.function.name == "search_documents" and "query" in call.function.arguments
+        }
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Step: find brakes"}],
+            tools=[tool],
+        )  # type: ignore[list-item]
+        call = reply.choices[0].message.tool_calls[0]  # type: ignore[index]
+        assert call.function.name == "search_documents" and "query" in call.function.arguments
 
 
 def test_openai_streaming_with_usage_through_langchain(fake: FakeProviders) -> None:
@@ -81,31 +81,33 @@ def test_openai_streaming_with_usage_through_langchain(fake: FakeProviders) -> N
 def test_anthropic_sdk_chat_tools_streaming_and_usage(fake: FakeProviders) -> None:
     from anthropic import Anthropic
 
-    client = Anthropic(base_url=fake.url, api_key="test", max_retries=0)
-    msg = client.messages.create(
-        model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
-    )
-    assert msg.content[0].type == "text" and msg.usage.input_tokens > 0
-    tool = {
-        "name": "query_data",
-        "input_schema": {
-            "type": "object",
-            "properties": {"sql": {"type": "string"}},
-            "required": ["sql"],
-        },
-    }
-    msg = client.messages.create(
-        model="claude-haiku-4-5",
-        max_tokens=100,
-        tools=[tool],  # type: ignore[list-item]
-        messages=[{"role": "user", "content": "Step: count rows"}],
-    )
-    assert msg.stop_reason == "tool_use"
-    with client.messages.stream(
-        model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hello"}]
-    ) as stream:
-        final = stream.get_final_message()
-    assert final.content[0].type == "text" and final.usage.output_tokens > 0
+    with Anthropic(base_url=fake.url, api_key="test", max_retries=0) as client:
+        msg = client.messages.create(
+            model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert msg.content[0].type == "text" and msg.usage.input_tokens > 0
+        tool = {
+            "name": "query_data",
+            "input_schema": {
+                "type": "object",
+                "properties": {"sql": {"type": "string"}},
+                "required": ["sql"],
+            },
+        }
+        msg = client.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=100,
+            tools=[tool],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "Step: count rows"}],
+        )
+        assert msg.stop_reason == "tool_use"
+        with client.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "hello"}],
+        ) as stream:
+            final = stream.get_final_message()
+        assert final.content[0].type == "text" and final.usage.output_tokens > 0
 
 
 def test_a_whole_run_over_each_providers_wire(
