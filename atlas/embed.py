@@ -34,25 +34,9 @@ from langgraph.graph.state import CompiledStateGraph
 
 from atlas.context import RunContext, new_run_id
 from atlas.errors import RunInterrupted, SpecError
+from atlas.graph.io import AtlasContext
 from atlas.session import Session, recursion_limit, thread_count
 from atlas.spec import TaskSpec
-
-
-@dataclass
-class AtlasContext:
-    """What a caller may set per invocation (`graph.invoke(input, config, context=...)`).
-
-    Every field has a default, so LangGraph's server, which builds the context from a request,
-    always gets a working one."""
-
-    model: str | None = None
-    """Model for every role, e.g. `scripted` or `openai:gpt-4o-mini`; the spec's when unset."""
-    state_dir: str | None = None
-    """Where run records, checkpoints and outputs go; the graph's when unset."""
-    tracking_uri: str | None = None
-    """MLflow tracking URI; the spec's (or the state directory's store) when unset."""
-    namespace: str | None = None
-    """Memory partition; the input's, else the spec's, when unset."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +184,7 @@ class AtlasGraph(CompiledStateGraph[Any, Any, Any, Any]):
         try:
             parts = super().stream(inv.input, inv.config, context=inv.session.ctx, **kwargs)
             yield from parts
-            inv.status = _status(inv.session.ctx)
+            inv.status = "completed"  # `end` reads the final status from the state
         except GeneratorExit:
             inv.stopped("the caller stopped reading the run")
             raise
@@ -240,7 +224,7 @@ class AtlasGraph(CompiledStateGraph[Any, Any, Any, Any]):
             parts = super().astream(inv.input, inv.config, context=inv.session.ctx, **kwargs)
             async for part in parts:
                 yield part
-            inv.status = _status(inv.session.ctx)
+            inv.status = "completed"  # `end` reads the final status from the state
         except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt):
             # A client that hung up, a task.cancel(), a caller that stopped reading: the run
             # stays resumable, with its partial output written.
@@ -290,10 +274,6 @@ class _Invocation:
         self.session.close(values, self.status, error)
 
 
-def _status(ctx: RunContext) -> str:
-    return str((ctx.outcome or {}).get("status") or "failed")
-
-
 def _as_context(context: Any) -> AtlasContext:
     if context is None:
         return AtlasContext()
@@ -310,7 +290,7 @@ def _as_context(context: Any) -> AtlasContext:
             )
         return AtlasContext(**context)
     raise SpecError(
-        f"context= must be an atlas.AtlasContext or a mapping, not {type(context).__name__}",
+        f"context= must be an atlas.embed.AtlasContext or a mapping, not {type(context).__name__}",
         field="context",
     )
 

@@ -121,8 +121,6 @@ def _execute(session: Session, on_event: EventHandler | None) -> RunResult:
         with sync_checkpointer(directory) as saver, session.trace.root(ctx, resumed=resumed):
             graph = build_run_graph(ctx).compile(checkpointer=saver, name="atlas")
             snapshot = graph.get_state(config)
-            if resumed:
-                _forget_cancelled(saver, snapshot)
             # The time limit counts the run's own work, not the set-up above.
             session.start_clock(snapshot.values.get("usage"))
             if resumed and not snapshot.next and snapshot.values.get("status"):
@@ -226,10 +224,6 @@ _LAST_RESULT: list[RunResult | None] = [None]
 def last_result() -> RunResult | None:
     """The summary of the last run in this process, also after it raised."""
     return _LAST_RESULT[0]
-
-
-def _forget_cancelled(saver: Any, snapshot: Any) -> None:
-    pass
 
 
 def _last_values(directory: Path, config: RunnableConfig) -> dict[str, Any]:

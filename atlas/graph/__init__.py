@@ -33,13 +33,12 @@ def build_graph(
     else `~/.local/state/atlas`). `checkpointer` makes runs resumable: invoke the thread with
     `None` to resume. As a node of a parent graph it uses the parent's checkpointer.
     """
-    from atlas.embed import AtlasContext, AtlasGraph, Defaults
+    from atlas.embed import AtlasGraph, Defaults
     from atlas.spec import TaskSpec
 
     if spec is None:
         spec = TaskSpec.from_dict({"task": PLACEHOLDER_TASK}, base_dir=Path.cwd())
     graph = build_run_graph(spec, public=True)
-    graph.context_schema = AtlasContext
     compiled = graph.compile(checkpointer=checkpointer, name="atlas")
     attrs = {k: v for k, v in compiled.__dict__.items() if k != "__orig_class__"}
     defaults = Defaults(

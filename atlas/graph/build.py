@@ -23,7 +23,7 @@ from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
 from atlas.graph.effects import Body, Io, node
 from atlas.graph.events import emit
-from atlas.graph.io import AtlasInput, AtlasOutput
+from atlas.graph.io import AtlasContext, AtlasInput, AtlasOutput
 from atlas.graph.judge import current_output, judge_body
 from atlas.graph.memory import store_output
 from atlas.graph.planner import plan_body
@@ -274,11 +274,11 @@ def build_run_graph(
         ctx_or_spec.registry if isinstance(ctx_or_spec, RunContext) else Registry.for_spec(spec)
     )
     schemas: dict[str, Any] = (
-        {"input_schema": AtlasInput, "output_schema": AtlasOutput} if public else {}
+        {"input_schema": AtlasInput, "output_schema": AtlasOutput, "context_schema": AtlasContext}
+        if public
+        else {"context_schema": RunContext}
     )
-    graph: StateGraph[Any, Any, Any, Any] = StateGraph(
-        RunState, context_schema=RunContext, **schemas
-    )
+    graph: StateGraph[Any, Any, Any, Any] = StateGraph(RunState, **schemas)
     graph.add_node("start", node("start", start_body))
     graph.add_node("plan", node("plan", plan_body))
     graph.add_node(

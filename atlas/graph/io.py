@@ -8,6 +8,7 @@ to `build_graph` supplies everything else (teams, models, memory, tracing). Both
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, Required
 
 from typing_extensions import TypedDict
@@ -69,3 +70,20 @@ class AtlasOutput(TypedDict, total=False):
     model_calls: int
     trace_id: str | None
     """The MLflow trace of this run (the caller's, when ATLAS ran inside a traced graph)."""
+
+
+@dataclass
+class AtlasContext:
+    """What a caller may set per invocation (`graph.invoke(input, config, context=...)`).
+
+    Every field has a default, so LangGraph's server, which builds the context from a request,
+    always gets a working one."""
+
+    model: str | None = None
+    """Model for every role, e.g. `scripted` or `openai:gpt-4o-mini`; the spec's when unset."""
+    state_dir: str | None = None
+    """Where run records, checkpoints and outputs go; the graph's when unset."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; the spec's (or the state directory's store) when unset."""
+    namespace: str | None = None
+    """Memory partition; the input's, else the spec's, when unset."""
