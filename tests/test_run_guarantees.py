@@ -174,7 +174,9 @@ def test_two_resumes_of_one_run_do_not_both_run_it(tmp_path: Path) -> None:
     about 48 were needed, 8 drafts instead of 4). Now the second says so, exit 2, no calls."""
     task = _task(tmp_path)
     log = tmp_path / "calls.jsonl"
-    model = f"scripted?latency_ms=100&call_log={log}"
+    # Slow enough calls that the first resume is still running when the second (a new
+    # process, a few seconds to start on a loaded machine) asks for the run.
+    model = f"scripted?latency_ms=300&call_log={log}"
     _kill_after(_start(tmp_path, task, model), log, 6)
     run_id = _run_id(tmp_path)
     before = len(_log(log))
