@@ -343,7 +343,7 @@ class RunContext:
         base = (state_dir or Path(".atlas")).resolve()
         run_dir = base / "runs" / rid
         run_dir.mkdir(parents=True, exist_ok=True)
-        memory = Memory.for_spec(spec, base) if spec.memory.enabled else None
+        memory = Memory.for_spec(spec, base, run_id=rid) if spec.memory.enabled else None
         ctx = cls(
             spec=spec,
             models=ModelRoles(spec, override=model),

@@ -85,11 +85,6 @@ def spec_for(base: TaskSpec, request: Mapping[str, Any], output_dir: Path) -> Ta
             raise SpecError("the input's 'budget' must be a mapping of limits", field="budget")
         data["budget"] = {**data["budget"], **request["budget"]}
     if request.get("namespace") is not None:
-        if "namespace" not in data["memory"]:
-            raise SpecError(
-                "memory namespaces are not available yet: leave out the input's 'namespace'",
-                field="namespace",
-            )
         data["memory"] = {**data["memory"], "namespace": request["namespace"]}
     data["output"] = str(output_dir / Path(base.output).name)
     return TaskSpec.from_dict(data, base_dir=base.base_dir)

@@ -265,6 +265,12 @@ class Tracing(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment; default 'atlas'")
 
 
+DEFAULT_NAMESPACE = "default"
+NAMESPACE_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_]{0,62}[A-Za-z0-9])?$"
+"""Memory namespaces name Chroma collections and graph labels, so they keep to what both
+accept: 1-64 letters, digits and underscores, starting and ending with a letter or digit."""
+
+
 class Memory(_Strict):
     enabled: bool = True
     dir: str | None = Field(
@@ -288,6 +294,21 @@ class Memory(_Strict):
     )
     recall: int = Field(
         3, ge=0, le=10, description="Passages from earlier runs shown to the planner and workers"
+    )
+    namespace: str = Field(
+        DEFAULT_NAMESPACE,
+        pattern=NAMESPACE_PATTERN,
+        description=(
+            "The memory partition this task reads and writes (letters, digits, underscores); "
+            "runs in other namespaces never see its passages or entities"
+        ),
+    )
+    recall_unfinished: bool = Field(
+        False,
+        description=(
+            "Also recall findings of runs that have not finished (running, interrupted); "
+            "by default only finished runs' findings are recalled"
+        ),
     )
 
 

@@ -179,6 +179,62 @@ def test_inside_a_traced_app_atlas_spans_join_the_callers_trace(
     assert RunStore(state).get(out["run_id"]).trace_id == parent.trace_id
 
 
+def _memory_spans(tracking_uri: str, trace_id: str) -> tuple[list[tuple[int, set[str]]], int]:
+    """A run's recalls, each (start ns, the runs whose findings or outputs it returned), and when
+    its memory settled (end ns of `memory.settle`; what it stored was pending until then)."""
+    import mlflow
+
+    spans = mlflow.MlflowClient(tracking_uri).get_trace(trace_id).data.spans
+    recalls = []
+    for span in spans:
+        if span.name.startswith("memory.recall"):
+            runs = set()
+            for doc in span.outputs or []:
+                kind, _, rest = str(doc["id"]).partition(":")
+                if kind in ("finding", "output"):
+                    runs.add(rest.split(":")[0].split("#")[0])
+            recalls.append((span.start_time_ns, runs))
+    (settle,) = [s.end_time_ns for s in spans if s.name == "memory.settle"]
+    return recalls, settle
+
+
+def test_concurrent_runs_recall_only_their_namespace_and_only_finished_runs(
+    make_spec: Callable[..., Any], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    graph = atlas.build_graph(
+        make_spec(tracing={"enabled": True}),
+        state_dir=state,
+        model="scripted?latency_ms=30",
+    )
+
+    async def runs() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        seed = await graph.ainvoke({"task": TASK_A, "namespace": "alpha"})
+        together = await asyncio.gather(
+            graph.ainvoke({"task": TASK_A, "namespace": "alpha"}),
+            graph.ainvoke({"task": TASK_A, "namespace": "alpha"}),
+            graph.ainvoke({"task": TASK_A, "namespace": "beta"}),
+        )
+        return seed, list(together)
+
+    seed, (a1, a2, b) = asyncio.run(runs())
+    assert {o["status"] for o in (seed, a1, a2, b)} == {"passed"}
+    uri = RunStore(state).get(seed["run_id"]).tracking_uri
+    assert uri is not None
+    spans = {o["run_id"]: _memory_spans(uri, o["trace_id"]) for o in (seed, a1, a2, b)}
+    settled = {run: settle for run, (_, settle) in spans.items()}
+    # Beta never sees alpha's passages (the same task, so they would match well).
+    assert all(runs == set() for _, runs in spans[b["run_id"]][0])
+    for out in (a1, a2):
+        recalls = spans[out["run_id"]][0]
+        alpha = {seed["run_id"], a1["run_id"], a2["run_id"]}
+        assert recalls and all(runs <= alpha for _, runs in recalls)
+        # The earlier alpha run is recalled; the concurrent one only once it had finished.
+        assert any(seed["run_id"] in runs for _, runs in recalls)
+        for started, runs in recalls:
+            assert all(settled[run] < started for run in runs), (started, runs, settled)
+
+
 def _cancel_and_resume(
     make_spec: Callable[..., Any], tmp_path: Path, when: Callable[[dict[str, Any]], bool]
 ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:

@@ -102,10 +102,32 @@ def _client(server: Server) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=server.url, timeout=RUN_TIMEOUT_S)
 
 
+def _recalled_runs(server: Server, end: dict[str, Any]) -> set[str]:
+    """The runs whose findings or outputs the run's `memory.recall:*` spans returned."""
+    import mlflow
+
+    uri = RunStore(server.state).get(end["run_id"]).tracking_uri
+    trace = mlflow.MlflowClient(uri).get_trace(end["trace_id"])
+    runs: set[str] = set()
+    for span in trace.data.spans:
+        if span.name.startswith("memory.recall"):
+            for doc in span.outputs or []:
+                kind, _, rest = str(doc["id"]).partition(":")
+                if kind in ("finding", "output"):
+                    runs.add(rest.split(":")[0].split("#")[0])
+    return runs
+
+
 async def test_two_concurrent_requests_stream_two_runs_that_stay_apart(server: Server) -> None:
     async with _client(server) as client:
+        # An earlier run in namespace alpha, for the concurrent ones to recall (or not).
+        seed = (await _run(client, {"task": TASK_A, "namespace": "alpha"}))[-1][1]
+        assert seed["status"] == "passed", seed
         a, b = await asyncio.wait_for(
-            asyncio.gather(_run(client, {"task": TASK_A}), _run(client, {"task": TASK_B})),
+            asyncio.gather(
+                _run(client, {"task": TASK_A, "namespace": "alpha"}),
+                _run(client, {"task": TASK_B, "namespace": "beta"}),
+            ),
             RUN_TIMEOUT_S,
         )
     ends = {}
@@ -139,6 +161,12 @@ async def test_two_concurrent_requests_stream_two_runs_that_stay_apart(server: S
     assert end_a["output_path"] != end_b["output_path"]
     written = await asyncio.to_thread(Path(end_b["output_path"]).read_text)
     assert written.rstrip() == end_b["output"].rstrip()
+    # Memory stayed apart: A (alpha) recalled the earlier alpha run and nothing of B's; B (beta)
+    # recalled nothing of alpha's, neither the finished seed run nor A's unfinished findings.
+    recalled_a = await asyncio.to_thread(_recalled_runs, server, end_a)
+    recalled_b = await asyncio.to_thread(_recalled_runs, server, end_b)
+    assert recalled_a == {seed["run_id"]}
+    assert recalled_b == set()
 
 
 async def test_a_client_that_hangs_up_mid_stream_leaves_the_run_interrupted(
@@ -176,6 +204,7 @@ async def test_a_client_that_hangs_up_mid_stream_leaves_the_run_interrupted(
             422,
             "acceptance: Input should be a valid list",
         ),
+        ({"task": "ok", "namespace": "user 42"}, 400, "namespace"),
     ],
 )
 async def test_bad_input_is_one_line_and_starts_no_run(

@@ -25,7 +25,7 @@ from atlas.graph.effects import Body, Io, node
 from atlas.graph.events import emit
 from atlas.graph.io import AtlasContext, AtlasInput, AtlasOutput
 from atlas.graph.judge import current_output, judge_body
-from atlas.graph.memory import store_output
+from atlas.graph.memory import settle_run, store_output
 from atlas.graph.planner import plan_body
 from atlas.graph.state import RESET, RunState
 from atlas.graph.team import build_team
@@ -201,6 +201,8 @@ def finalize_body(state: dict[str, Any], ctx: RunContext) -> Body:
         kept = ctx.spec.output_path
         note = "no output produced" + (f"; {kept} left as it was" if kept.exists() else "")
         emit({"event": "warning", "message": note})
+    # The run is finished: what it stored in memory becomes recallable by other runs.
+    yield Io(settle_run, (ctx,))
     plan_file = ctx.run_dir / "plan.json"
     plan_file.write_text(json.dumps(state.get("plans") or [], indent=2), encoding="utf-8")
     run = totals(state.get("usage"))

@@ -3,7 +3,9 @@
 - `prelude` (the first plan): ingest the task's documents, recall findings of earlier runs and
   graph context for the task's entities.
 - `recall` (each worker): passages from earlier runs relevant to the worker's assignment.
-- `store_finding` / `store_entities` (each finished step) and `store_output` (finalize).
+- `store_finding` / `store_entities` (each finished step) and `store_output` (finalize): written
+  pending, so that other runs do not recall them while this one may still change course.
+- `settle_run` (finalize): what the run stored becomes recallable by other runs.
 
 Memory is an aid, never a reason to fail: a store error becomes a `memory_error` span and a
 progress event, and the run goes on without memory.
@@ -127,6 +129,7 @@ def store_finding(ctx: RunContext, result: dict[str, Any]) -> Record | None:
         team=str(result["team"]),
         iteration=int(result.get("iteration") or 1),
         text=text,
+        pending=True,
     )
     try:
         with ctx.tracer.span(
@@ -163,7 +166,7 @@ def store_output(ctx: RunContext, text: str, path: str) -> None:
     memory = ctx.memory
     if memory is None or not text.strip():
         return
-    records = output_records(run_id=ctx.run_id, path=path, text=text)
+    records = output_records(run_id=ctx.run_id, path=path, text=text, pending=True)
     try:
         with ctx.tracer.span(
             "memory.write",
@@ -174,3 +177,18 @@ def store_output(ctx: RunContext, text: str, path: str) -> None:
             span.set_outputs({"written": memory.remember(records)})
     except Exception as exc:
         _failed(ctx, "write", exc)
+
+
+def settle_run(ctx: RunContext) -> None:
+    """The run finished (finalize): what it stored becomes recallable by other runs. A run
+    that stops before (interrupted, or an error) is resumed later, and settles then."""
+    memory = ctx.memory
+    if memory is None:
+        return
+    try:
+        with ctx.tracer.span(
+            "memory.settle", span_type="MEMORY", inputs={"run_id": ctx.run_id}
+        ) as span:
+            span.set_outputs(memory.settle(ctx.run_id))
+    except Exception as exc:
+        _failed(ctx, "settle", exc)

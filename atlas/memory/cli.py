@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ def add_parser(sub: Any, state: Any) -> None:
         p.add_argument("--store", metavar="DIR", help="memory directory (default .atlas/memory)")
         p.add_argument("--vector-url", metavar="URL", help="a Chroma server instead of --store")
         p.add_argument("--graph-uri", metavar="URI", help="a Neo4j server (bolt:// or neo4j://)")
+        p.add_argument(
+            "--namespace",
+            metavar="NS",
+            default="default",
+            help="memory namespace (default 'default')",
+        )
         state(p)
 
     ingest = msub.add_parser("ingest", help="chunk, embed and store text files or folders")
@@ -51,6 +58,9 @@ def add_parser(sub: Any, state: Any) -> None:
     search.add_argument("--k", type=_k, default=5, help="results per query (1-50, default 5)")
     search.add_argument(
         "--kind", choices=("document", "finding", "output"), help="only this kind of passage"
+    )
+    search.add_argument(
+        "--unfinished", action="store_true", help="also passages of runs that have not finished"
     )
     search.add_argument("--json", action="store_true")
     store(search)
@@ -81,6 +91,13 @@ def _open(args: argparse.Namespace, *, create: bool) -> Any:
 
     if args.graph_uri and not is_server_uri(args.graph_uri):
         raise MemoryInputError("--graph-uri must be a bolt:// or neo4j:// URI")
+    from atlas.spec import NAMESPACE_PATTERN
+
+    if not re.match(NAMESPACE_PATTERN, args.namespace):
+        raise MemoryInputError(
+            f"--namespace {args.namespace!r} is not a namespace: 1-64 letters, digits and "
+            "underscores, starting and ending with a letter or digit"
+        )
     graph_command = args.memory_command == "graph"
     local = not args.vector_url or (graph_command and not args.graph_uri)
     if local and not create and not directory.is_dir():
@@ -95,6 +112,8 @@ def _open(args: argparse.Namespace, *, create: bool) -> Any:
         vector_url=args.vector_url or None,
         graph_uri=args.graph_uri or None,
         read_only=args.memory_command in READING,
+        namespace=args.namespace,
+        include_unfinished=bool(getattr(args, "unfinished", False)),
     )
 
 
@@ -289,6 +308,7 @@ def _stats(memory: Any, args: argparse.Namespace) -> int:
     print(
         f"  passages    {v['passages']}: {v['documents']} document chunks, "
         f"{v['findings']} finding chunks, {v['outputs']} output chunks"
+        + (f"; {v['pending']} of unfinished runs" if v.get("pending") else "")
     )
     print(f"graph store   {g['store']}")
     print(

@@ -13,12 +13,21 @@ The model:
     (:Entity)-[:RELATED {relation, finding, run_id, step_id, source}]->(:Entity)
 
 Writes are MERGEs keyed on names and finding ids, so writing a finding twice adds nothing.
+
+Namespaces: each memory namespace has its own labels (`Entity_<ns>`, `Finding_<ns>`,
+`MENTIONS_<ns>`, `RELATED_<ns>`; the default namespace keeps the bare names), so no query of one
+namespace can match another's nodes, on either backend.
+
+Unfinished runs: a run's findings and relations are written `pending` and settled when the run
+finishes (`settle`); reads leave pending ones out unless asked (`include_pending`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,10 +41,11 @@ from atlas.memory.entities import Extraction, normalize
 from atlas.memory.vector import safe_url
 
 # -- the shared Cypher -------------------------------------------------------------------------
+# Written for the default namespace; `scoped()` renames the labels for another.
 MERGE_FINDING = (
     "MERGE (f:Finding {id: $id}) "
     "SET f.run_id = $run_id, f.step_id = $step_id, f.team = $team, f.source = $source, "
-    "f.kind = $kind"
+    "f.kind = $kind, f.pending = $pending"
 )
 MERGE_ENTITY = (
     "MERGE (e:Entity {name: $name}) ON CREATE SET e.label = $label, e.kind = $kind "
@@ -44,21 +54,28 @@ MERGE_ENTITY = (
 MERGE_RELATION = (
     "MATCH (a:Entity {name: $a}), (b:Entity {name: $b}) "
     "MERGE (a)-[r:RELATED {relation: $relation, finding: $finding}]->(b) "
-    "SET r.run_id = $run_id, r.step_id = $step_id, r.source = $source"
+    "SET r.run_id = $run_id, r.step_id = $step_id, r.source = $source, r.pending = $pending"
 )
+SETTLE = (
+    "MATCH (f:Finding) WHERE f.run_id = $run_id SET f.pending = false",
+    "MATCH (:Entity)-[r:RELATED]->(:Entity) WHERE r.run_id = $run_id SET r.pending = false",
+)
+_SETTLED_R = "($show_pending OR coalesce(r.pending, false) = false OR r.run_id = $own)"
 FIND_ENTITIES = "MATCH (e:Entity) WHERE e.name IN $names RETURN e.name AS name, e.label AS label"
 NEIGHBOURS = (
-    "MATCH (e:Entity {name: $name})-[r:RELATED]->(o:Entity) "
+    f"MATCH (e:Entity {{name: $name}})-[r:RELATED]->(o:Entity) WHERE {_SETTLED_R} "
     "RETURN o.label AS other, r.relation AS relation, 'out' AS direction, r.source AS source, "
     "r.run_id AS run_id, r.step_id AS step_id LIMIT {limit} "
     "UNION ALL "
-    "MATCH (e:Entity {name: $name})<-[r:RELATED]-(o:Entity) "
+    f"MATCH (e:Entity {{name: $name}})<-[r:RELATED]-(o:Entity) WHERE {_SETTLED_R} "
     "RETURN o.label AS other, r.relation AS relation, 'in' AS direction, r.source AS source, "
     "r.run_id AS run_id, r.step_id AS step_id LIMIT {limit}"
 )
 TWO_HOP = (
-    "MATCH (a:Entity {name: $name})-[:RELATED]-(:Entity)-[:RELATED]-(c:Entity) "
-    "WHERE c.name <> $name RETURN DISTINCT c.label AS label LIMIT {limit}"
+    "MATCH (a:Entity {name: $name})-[r:RELATED]-(:Entity)-[s:RELATED]-(c:Entity) "
+    f"WHERE c.name <> $name AND {_SETTLED_R} "
+    "AND ($show_pending OR coalesce(s.pending, false) = false OR s.run_id = $own) "
+    "RETURN DISTINCT c.label AS label LIMIT {limit}"
 )
 PATHS = (
     "MATCH p = (a:Entity {name: $a})-[:RELATED*1..{hops}]-(b:Entity {name: $b}) "
@@ -66,13 +83,26 @@ PATHS = (
 )
 MENTIONED_IN = (
     "MATCH (f:Finding)-[:MENTIONS]->(e:Entity {name: $name}) "
+    "WHERE $show_pending OR coalesce(f.pending, false) = false OR f.run_id = $own "
     "RETURN f.id AS id, f.run_id AS run_id, f.step_id AS step_id, f.team AS team, "
     "f.source AS source, f.kind AS kind LIMIT {limit}"
 )
 COUNT_ENTITIES = "MATCH (e:Entity) RETURN count(e) AS n"
-COUNT_RELATIONS = "MATCH ()-[r:RELATED]->() RETURN count(r) AS n"
+COUNT_RELATIONS = "MATCH (:Entity)-[r:RELATED]->(:Entity) RETURN count(r) AS n"
 COUNT_FINDINGS = "MATCH (f:Finding) RETURN count(f) AS n"
+COUNT_PENDING = "MATCH (f:Finding) WHERE f.pending = true RETURN count(f) AS n"
 DELETE_ALL = ("MATCH (f:Finding) DETACH DELETE f", "MATCH (e:Entity) DETACH DELETE e")
+DEFAULT_NAMESPACE = "default"
+_LABELS = re.compile(r":(Entity|Finding|MENTIONS|RELATED)\b")
+_PENDING_SETTLED = re.compile(r"coalesce\(\w+\.pending, false\) = false")
+_PENDING_SET = re.compile(r"\w+\.pending = true")
+
+
+def scoped(query: str, namespace: str) -> str:
+    """`query` with its labels renamed for `namespace` (the default namespace's are bare)."""
+    if namespace == DEFAULT_NAMESPACE:
+        return query
+    return _LABELS.sub(lambda m: f":{m.group(1)}_{namespace}", query)
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,10 @@ class Provenance:
 class Backend(Protocol):
     where: str
 
+    def ensure(self, namespace: str) -> None: ...
+
+    def tables(self) -> dict[str, set[str]] | None: ...
+
     def run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
     @contextlib.contextmanager
@@ -97,19 +131,29 @@ class Backend(Protocol):
 
     def path_steps(self, nodes: Any, rels: Any) -> list[tuple[str, str, str]]: ...
 
+    def pending_in(self, rels: Any, own: str) -> bool: ...
+
     def close(self) -> None: ...
 
 
 # -- LadybugDB (embedded) ----------------------------------------------------------------------
-_LADYBUG_SCHEMA = (
-    "CREATE NODE TABLE IF NOT EXISTS Entity(name STRING, label STRING, kind STRING, "
-    "PRIMARY KEY(name))",
-    "CREATE NODE TABLE IF NOT EXISTS Finding(id STRING, run_id STRING, step_id STRING, "
-    "team STRING, source STRING, kind STRING, PRIMARY KEY(id))",
-    "CREATE REL TABLE IF NOT EXISTS MENTIONS(FROM Finding TO Entity)",
-    "CREATE REL TABLE IF NOT EXISTS RELATED(FROM Entity TO Entity, relation STRING, "
-    "finding STRING, run_id STRING, step_id STRING, source STRING)",
-)
+def _ladybug_schema(namespace: str) -> tuple[str, ...]:
+    """The tables of one namespace; `pending` is added to tables made before it existed."""
+    sfx = "" if namespace == DEFAULT_NAMESPACE else f"_{namespace}"
+    entity, finding = f"Entity{sfx}", f"Finding{sfx}"
+    return (
+        f"CREATE NODE TABLE IF NOT EXISTS {entity}(name STRING, label STRING, kind STRING, "
+        "PRIMARY KEY(name))",
+        f"CREATE NODE TABLE IF NOT EXISTS {finding}(id STRING, run_id STRING, step_id STRING, "
+        "team STRING, source STRING, kind STRING, pending BOOLEAN, PRIMARY KEY(id))",
+        f"CREATE REL TABLE IF NOT EXISTS MENTIONS{sfx}(FROM {finding} TO {entity})",
+        f"CREATE REL TABLE IF NOT EXISTS RELATED{sfx}(FROM {entity} TO {entity}, relation STRING, "
+        "finding STRING, run_id STRING, step_id STRING, source STRING, pending BOOLEAN)",
+        f"ALTER TABLE {finding} ADD IF NOT EXISTS pending BOOLEAN DEFAULT false",
+        f"ALTER TABLE RELATED{sfx} ADD IF NOT EXISTS pending BOOLEAN DEFAULT false",
+    )
+
+
 _BUFFER_POOL = 256 * 1024 * 1024
 _shared: dict[str, LadybugBackend] = {}
 _shared_lock = threading.Lock()
@@ -124,8 +168,13 @@ class LadybugBackend:
     second run, `atlas memory ...` during a run) waits for the current operation, never for a
     whole run. `hold()` keeps it open across many operations.
 
+    Processes queue for the lease on a lock file beside the database (`.<name>.lock`): a waiter
+    blocks in the kernel and is woken when the holder lets go. (Retrying LadybugDB's own open,
+    as before, let 20 processes starve one another past any bound: a process that had just let
+    go got the file back before a sleeping waiter noticed.)
+
     `read_only` opens the file in LadybugDB's read-only mode: nothing is created or written
-    (no schema, no write-ahead log), and a read-only file can be read.
+    (no schema, no write-ahead log, no lock file), and a read-only file can be read.
     """
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
@@ -135,11 +184,9 @@ class LadybugBackend:
         self._mutex = threading.Lock()
         self._write_lock = threading.Lock()
         self._db: Any = None
+        self._lease: _Lease | None = None
         self._users = 0
-        if not read_only:
-            with self.write() as tx:
-                for statement in _LADYBUG_SCHEMA:
-                    tx.execute(statement)
+        self._namespaces: set[str] = set()
 
     @classmethod
     def shared(cls, path: Path, *, read_only: bool = False) -> LadybugBackend:
@@ -151,6 +198,23 @@ class LadybugBackend:
             if backend is None:
                 backend = _shared[key] = cls(path, read_only=read_only)
             return backend
+
+    def ensure(self, namespace: str) -> None:
+        """Create a namespace's tables (once per process)."""
+        if self.read_only or namespace in self._namespaces:
+            return
+        with self.write() as tx:
+            for statement in _ladybug_schema(namespace):
+                tx.execute(statement)
+        self._namespaces.add(namespace)
+
+    def tables(self) -> dict[str, set[str]]:
+        """The tables that exist and their properties (for reading without creating any)."""
+        names = [str(r["name"]) for r in self.run("CALL show_tables() RETURN name")]
+        return {
+            name: {str(r["name"]) for r in self.run(f"CALL table_info('{name}') RETURN name")}
+            for name in names
+        }
 
     def _open(self) -> Any:
         import ladybug
@@ -167,7 +231,7 @@ class LadybugBackend:
                 )
             except RuntimeError as exc:
                 text = str(exc)
-                # Another process holds the file: wait for it, up to a bound.
+                # A process that does not take the lease (another tool) holds the file.
                 if "lock" in text.lower() and time.monotonic() < deadline:
                     time.sleep(0.02)
                     continue
@@ -180,7 +244,18 @@ class LadybugBackend:
         """The open database, for as long as the block runs (and any other holder's)."""
         with self._mutex:
             if self._db is None:
-                self._db = self._open()
+                lease = _Lease.take(
+                    self.path.with_name(f".{self.path.name}.lock"),
+                    shared=self.read_only,
+                    timeout=_OPEN_WAIT_S,
+                    where=self.where,
+                )
+                try:
+                    self._db = self._open()
+                except BaseException:
+                    lease.release()
+                    raise
+                self._lease = lease
             self._users += 1
             db = self._db
         try:
@@ -192,6 +267,9 @@ class LadybugBackend:
                     with contextlib.suppress(Exception):
                         self._db.close()
                     self._db = None
+                    if self._lease is not None:
+                        self._lease.release()
+                        self._lease = None
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -239,8 +317,71 @@ class LadybugBackend:
             steps.append((str(src.get("label")), str(rel.get("relation")), str(dst.get("label"))))
         return steps
 
+    def pending_in(self, rels: Any, own: str) -> bool:
+        return any(rel.get("pending") and rel.get("run_id") != own for rel in rels)
+
     def close(self) -> None:
         """Nothing stays open between operations; a `hold()` in progress closes on exit."""
+
+
+class _Lease:
+    """A held `flock` on a lock file, taken with a time bound.
+
+    The blocking `flock` runs on a helper thread so that the caller can stop waiting: when it
+    gives up, the helper lets go of the lock as soon as it gets it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def take(cls, path: Path, *, shared: bool, timeout: float, where: str) -> _Lease:
+        try:
+            if shared:  # a reader creates nothing: no lock file means no writer ever ran here
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return cls(-1)
+        except OSError as exc:
+            raise MemoryStoreError(f"graph store {where}: its lock file: {exc}") from None
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return cls(fd)
+        got = threading.Event()
+        gave_up = threading.Event()
+        guard = threading.Lock()
+
+        def wait() -> None:
+            failed = False
+            try:
+                fcntl.flock(fd, mode)
+            except OSError:
+                failed = True
+            with guard:
+                if gave_up.is_set() or failed:
+                    os.close(fd)  # closing the descriptor lets go of the lock
+                    gave_up.set()
+                got.set()
+
+        threading.Thread(target=wait, name="atlas-graph-lease", daemon=True).start()
+        got.wait(timeout)
+        with guard:
+            if got.is_set() and not gave_up.is_set():
+                return cls(fd)
+            failed = got.is_set()
+            gave_up.set()
+        if failed:
+            raise MemoryStoreError(f"graph store {where}: its lock file cannot be locked")
+        raise MemoryStoreError(
+            f"graph store {where} is busy: another process has held it for over {timeout:g} s"
+        )
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 class _LadybugTx:
@@ -261,6 +402,15 @@ class _EmptyBackend:
     def __init__(self, path: Path) -> None:
         self.where = str(path)
 
+    def ensure(self, namespace: str) -> None:
+        """Nothing is created."""
+
+    def tables(self) -> dict[str, set[str]] | None:
+        return {}
+
+    def pending_in(self, rels: Any, own: str) -> bool:
+        return False
+
     def run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         return []
 
@@ -277,10 +427,14 @@ class _EmptyBackend:
 
 
 # -- Neo4j (server) ------------------------------------------------------------------------------
-_NEO4J_SCHEMA = (
-    "CREATE CONSTRAINT atlas_entity IF NOT EXISTS FOR (e:Entity) REQUIRE e.name IS UNIQUE",
-    "CREATE CONSTRAINT atlas_finding IF NOT EXISTS FOR (f:Finding) REQUIRE f.id IS UNIQUE",
-)
+def _neo4j_schema(namespace: str) -> tuple[str, ...]:
+    sfx = "" if namespace == DEFAULT_NAMESPACE else f"_{namespace}"
+    return (
+        f"CREATE CONSTRAINT atlas_entity{sfx} IF NOT EXISTS FOR (e:Entity{sfx}) "
+        "REQUIRE e.name IS UNIQUE",
+        f"CREATE CONSTRAINT atlas_finding{sfx} IF NOT EXISTS FOR (f:Finding{sfx}) "
+        "REQUIRE f.id IS UNIQUE",
+    )
 
 
 class Neo4jBackend:
@@ -309,9 +463,19 @@ class Neo4jBackend:
             raise MemoryStoreError(
                 f"cannot reach the Neo4j server at {self.where}: {str(exc).splitlines()[0][:200]}"
             ) from None
+        self._namespaces: set[str] = set()
+
+    def ensure(self, namespace: str) -> None:
+        if namespace in self._namespaces:
+            return
         with self.write() as tx:
-            for statement in _NEO4J_SCHEMA:
+            for statement in _neo4j_schema(namespace):
                 tx.execute(statement)
+        self._namespaces.add(namespace)
+
+    def tables(self) -> dict[str, set[str]] | None:
+        """Labels need no creation on a server: every namespace reads (as empty if new)."""
+        return None
 
     def run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         records, _, _ = self.driver.execute_query(
@@ -336,6 +500,9 @@ class Neo4jBackend:
             for r in rels
         ]
 
+    def pending_in(self, rels: Any, own: str) -> bool:
+        return any(r.get("pending") and r.get("run_id") != own for r in rels)
+
     def close(self) -> None:
         self.driver.close()
 
@@ -358,13 +525,21 @@ def is_server_uri(uri: str | None) -> bool:
 
 
 class GraphMemory:
-    """Entities and relations with provenance, on either backend."""
+    """Entities and relations with provenance, of one namespace, on either backend."""
 
     def __init__(
-        self, *, path: Path | None = None, uri: str | None = None, read_only: bool = False
+        self,
+        *,
+        path: Path | None = None,
+        uri: str | None = None,
+        read_only: bool = False,
+        namespace: str = DEFAULT_NAMESPACE,
+        include_pending: bool = False,
+        run_id: str = "",
     ) -> None:
         """`read_only`: never create or write an embedded graph (a file that does not exist
-        reads as empty). A Neo4j server is opened as usual."""
+        reads as empty). A Neo4j server is opened as usual. `include_pending`: reads also show
+        what unfinished runs wrote; `run_id`'s own unfinished writes are always shown."""
         if uri is not None and not is_server_uri(uri):
             raise MemoryStoreError(
                 f"memory.graph_uri {safe_url(uri)!r} is not a bolt:// or neo4j:// URI"
@@ -374,32 +549,64 @@ class GraphMemory:
         self._path = path
         self._uri = uri
         self._read_only = read_only
+        self.namespace = namespace
+        self.include_pending = include_pending
+        self.run_id = run_id
         self._backend: Backend | None = None
+        self._absent = False
+        """Read-only, and this namespace has no tables in the file: it reads as empty."""
+        self._legacy = False
+        """Read-only, and the file predates `pending`: queries leave that property out."""
         self._lock = threading.Lock()
 
     @property
     def where(self) -> str:
-        return safe_url(self._uri) if self._uri else str(self._path)
+        base = safe_url(self._uri) if self._uri else str(self._path)
+        if self.namespace == DEFAULT_NAMESPACE:
+            return base
+        return f"{base} (namespace {self.namespace})"
 
     @property
     def backend(self) -> Backend:
         with self._lock:
             if self._backend is None:
+                backend: Backend
                 if self._uri:
-                    self._backend = Neo4jBackend(self._uri)
+                    backend = Neo4jBackend(self._uri)
                 else:
                     assert self._path is not None
                     if not self._read_only:
-                        self._backend = LadybugBackend.shared(self._path)
+                        backend = LadybugBackend.shared(self._path)
                     elif self._path.is_file():
-                        self._backend = LadybugBackend.shared(self._path, read_only=True)
+                        backend = LadybugBackend.shared(self._path, read_only=True)
                     elif self._path.exists():
                         raise MemoryStoreError(
                             f"graph store {self._path} is a directory, not a database file"
                         )
                     else:
-                        self._backend = _EmptyBackend(self._path)
+                        backend = _EmptyBackend(self._path)
+                if self._read_only:
+                    tables = backend.tables()
+                    if tables is not None:
+                        self._absent = self._table("Entity") not in tables
+                        # A file from before `pending` existed (nothing can be pending there).
+                        self._legacy = "pending" not in tables.get(self._table("RELATED"), set())
+                else:
+                    backend.ensure(self.namespace)
+                self._backend = backend
             return self._backend
+
+    def _table(self, label: str) -> str:
+        return label if self.namespace == DEFAULT_NAMESPACE else f"{label}_{self.namespace}"
+
+    def _run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        backend = self.backend
+        if self._absent:
+            return []
+        given = {"show_pending": self.include_pending, "own": self.run_id, **(params or {})}
+        if self._legacy:
+            query = _PENDING_SETTLED.sub("true", _PENDING_SET.sub("false", query))
+        return backend.run(scoped(query, self.namespace), given)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -412,8 +619,11 @@ class GraphMemory:
             yield
 
     # -- writing ---------------------------------------------------------------------------------
-    def add(self, extraction: Extraction, provenance: Provenance) -> tuple[int, int]:
-        """Merge the extraction's entities and relations; returns (entities, relations) kept."""
+    def add(
+        self, extraction: Extraction, provenance: Provenance, *, pending: bool = False
+    ) -> tuple[int, int]:
+        """Merge the extraction's entities and relations; returns (entities, relations) kept.
+        `pending`: written by a run that has not finished (see `settle`)."""
         names: dict[str, tuple[str, str]] = {}
         for entity in extraction.entities:
             key = normalize(entity.name)
@@ -431,10 +641,12 @@ class GraphMemory:
             "run_id": provenance.run_id,
             "step_id": provenance.step_id,
             "source": provenance.source,
+            "pending": pending,
         }
+        ns = self.namespace
         with self.backend.write() as tx:
             tx.execute(
-                MERGE_FINDING,
+                scoped(MERGE_FINDING, ns),
                 {
                     "id": provenance.finding,
                     "run_id": provenance.run_id,
@@ -442,48 +654,56 @@ class GraphMemory:
                     "team": provenance.team,
                     "source": provenance.source,
                     "kind": provenance.kind,
+                    "pending": pending,
                 },
             )
             for key, (label, kind) in names.items():
                 tx.execute(
-                    MERGE_ENTITY,
+                    scoped(MERGE_ENTITY, ns),
                     {"name": key, "label": label, "kind": kind, "finding": provenance.finding},
                 )
             for a, relation, b in relations:
                 tx.execute(
-                    MERGE_RELATION,
+                    scoped(MERGE_RELATION, ns),
                     {"a": a, "b": b, "relation": relation, "finding": provenance.finding, **prov},
                 )
         return len(names), len(relations)
 
+    def settle(self, run_id: str) -> None:
+        """Mark what `run_id` wrote as finished: reads show it from now on."""
+        with self.backend.write() as tx:
+            for statement in SETTLE:
+                tx.execute(scoped(statement, self.namespace), {"run_id": run_id})
+
     # -- reading ---------------------------------------------------------------------------------
     def find(self, names: Sequence[str]) -> list[dict[str, Any]]:
         keys = sorted({normalize(n) for n in names} - {""})
-        return self.backend.run(FIND_ENTITIES, {"names": keys}) if keys else []
+        return self._run(FIND_ENTITIES, {"names": keys}) if keys else []
 
     def neighbours(self, entity: str, limit: int = 25) -> list[dict[str, Any]]:
         query = NEIGHBOURS.replace("{limit}", str(int(limit)))
-        return self.backend.run(query, {"name": normalize(entity)})
+        return self._run(query, {"name": normalize(entity)})
 
     def two_hop(self, entity: str, limit: int = 50) -> list[str]:
         query = TWO_HOP.replace("{limit}", str(int(limit)))
-        return [r["label"] for r in self.backend.run(query, {"name": normalize(entity)})]
+        return [r["label"] for r in self._run(query, {"name": normalize(entity)})]
 
     def mentions(self, entity: str, limit: int = 20) -> list[dict[str, Any]]:
         query = MENTIONED_IN.replace("{limit}", str(int(limit)))
-        return self.backend.run(query, {"name": normalize(entity)})
+        return self._run(query, {"name": normalize(entity)})
 
     def paths(
         self, a: str, b: str, max_hops: int = 3, limit: int = 3
     ) -> list[list[tuple[str, str, str]]]:
         """Shortest-first paths between two entities, without revisiting an entity."""
         hops = max(1, min(int(max_hops), 4))
-        rows = self.backend.run(
-            PATHS.replace("{hops}", str(hops)), {"a": normalize(a), "b": normalize(b)}
-        )
+        rows = self._run(PATHS.replace("{hops}", str(hops)), {"a": normalize(a), "b": normalize(b)})
         found: list[list[tuple[str, str, str]]] = []
+        backend = self.backend
         for row in rows:
-            steps = self.backend.path_steps(row["ns"], row["rs"])
+            if not self.include_pending and backend.pending_in(row["rs"], self.run_id):
+                continue
+            steps = backend.path_steps(row["ns"], row["rs"])
             labels = [s[0] for s in steps] + [s[2] for s in steps]
             if len(set(labels)) < len(steps) + 1 or steps in found:
                 continue  # a walk that comes back on itself
@@ -493,19 +713,24 @@ class GraphMemory:
         return found
 
     def stats(self) -> dict[str, Any]:
-        b = self.backend
         return {
             "store": self.where,
-            "entities": _count(b, COUNT_ENTITIES),
-            "relations": _count(b, COUNT_RELATIONS),
-            "findings": _count(b, COUNT_FINDINGS),
+            "namespace": self.namespace,
+            "entities": self._count(COUNT_ENTITIES),
+            "relations": self._count(COUNT_RELATIONS),
+            "findings": self._count(COUNT_FINDINGS),
+            "pending_findings": self._count(COUNT_PENDING),
         }
+
+    def _count(self, query: str) -> int:
+        rows = self._run(query)
+        return int(rows[0]["n"]) if rows else 0
 
     def clear(self) -> int:
         n = self.stats()["entities"]
         with self.backend.write() as tx:
             for statement in DELETE_ALL:
-                tx.execute(statement)
+                tx.execute(scoped(statement, self.namespace))
         return n
 
     def close(self) -> None:
@@ -513,11 +738,6 @@ class GraphMemory:
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
-
-
-def _count(backend: Backend, query: str) -> int:
-    rows = backend.run(query)
-    return int(rows[0]["n"]) if rows else 0
 
 
 __all__ = ["GraphMemory", "LadybugBackend", "Neo4jBackend", "Provenance", "is_server_uri"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from atlas.memory.embeddings import Embedder, get_embedder
 from atlas.memory.entities import Entities, candidate_names, normalize
 from atlas.memory.graph import GraphMemory, Provenance
-from atlas.memory.vector import Hit, Record, Upserted, VectorMemory
+from atlas.memory.vector import DEFAULT_NAMESPACE, Hit, Record, Upserted, VectorMemory
 
 if TYPE_CHECKING:
     from atlas.spec import TaskSpec
@@ -52,9 +52,10 @@ def document_records(path: Path, *, source_path: str) -> list[Record]:
 
 
 def finding_records(
-    *, run_id: str, step_id: str, team: str, iteration: int, text: str
+    *, run_id: str, step_id: str, team: str, iteration: int, text: str, pending: bool = False
 ) -> list[Record]:
-    """A step's result, chunked; ids `finding:<run>:<step>:<iteration>#<n>`."""
+    """A step's result, chunked; ids `finding:<run>:<step>:<iteration>#<n>`. `pending`: the
+    run has not finished yet (see `Memory.settle`)."""
     from atlas.tools.documents import chunk_text
 
     base = f"finding:{run_id}:{step_id}:{iteration}"
@@ -68,12 +69,13 @@ def finding_records(
             step_id=step_id,
             team=team,
             position=pos,
+            pending=pending,
         )
         for pos, piece in enumerate(chunk_text(text), start=1)
     ]
 
 
-def output_records(*, run_id: str, path: str, text: str) -> list[Record]:
+def output_records(*, run_id: str, path: str, text: str, pending: bool = False) -> list[Record]:
     """The final output, chunked; ids `output:<run>#<n>`."""
     from atlas.tools.documents import chunk_text
 
@@ -86,13 +88,18 @@ def output_records(*, run_id: str, path: str, text: str) -> list[Record]:
             run_id=run_id,
             path=path,
             position=pos,
+            pending=pending,
         )
         for pos, piece in enumerate(chunk_text(text), start=1)
     ]
 
 
 class Memory:
-    """The vector and graph stores of one memory directory (or servers). Thread-safe."""
+    """The vector and graph stores of one memory directory (or servers), seen through one
+    namespace. Thread-safe.
+
+    What a run stores is `pending` until the run finishes (`settle`): other runs' recall leaves
+    it out, so a run never builds on another's half-done work, unless `include_unfinished`."""
 
     def __init__(
         self,
@@ -102,24 +109,37 @@ class Memory:
         graph_uri: str | None = None,
         embedder: str | Embedder = "local",
         read_only: bool = False,
+        namespace: str = DEFAULT_NAMESPACE,
+        include_unfinished: bool = False,
+        run_id: str = "",
     ) -> None:
         """`read_only`: for reading commands; nothing is created or written, and a store that
-        does not exist reads as empty."""
+        does not exist reads as empty. `run_id`: the run this memory serves, which always sees
+        what it stored itself."""
         self.directory = directory
+        self.namespace = namespace
+        self.include_unfinished = include_unfinished
+        self.run_id = run_id
         self._embedder = get_embedder(embedder) if isinstance(embedder, str) else embedder
         self.vector = VectorMemory(
             self._embedder,
             path=None if vector_url else directory / VECTOR_DIR,
             url=vector_url,
             read_only=read_only,
+            namespace=namespace,
         )
         self.graph = GraphMemory(
-            path=None if graph_uri else directory / GRAPH_FILE, uri=graph_uri, read_only=read_only
+            path=None if graph_uri else directory / GRAPH_FILE,
+            uri=graph_uri,
+            read_only=read_only,
+            namespace=namespace,
+            include_pending=include_unfinished,
+            run_id=run_id,
         )
         self._lock = threading.Lock()
 
     @classmethod
-    def for_spec(cls, spec: TaskSpec, state_dir: Path) -> Memory:
+    def for_spec(cls, spec: TaskSpec, state_dir: Path, *, run_id: str = "") -> Memory:
         settings = spec.memory
         directory = (spec.root / settings.dir) if settings.dir else state_dir / "memory"
         return cls(
@@ -127,6 +147,9 @@ class Memory:
             vector_url=settings.vector_url,
             graph_uri=settings.graph_uri,
             embedder=settings.embedder,
+            namespace=settings.namespace,
+            include_unfinished=settings.recall_unfinished,
+            run_id=run_id,
         )
 
     def open(self) -> None:
@@ -195,7 +218,8 @@ class Memory:
         return self.vector.upsert(records)
 
     def remember_entities(self, extraction: Entities, record: Record) -> tuple[int, int]:
-        """Merge entities into the graph, with `record` (any chunk of the finding) as provenance."""
+        """Merge entities into the graph, with `record` (any chunk of the finding) as provenance;
+        pending while the record is."""
         return self.graph.add(
             extraction,
             Provenance(
@@ -206,7 +230,14 @@ class Memory:
                 source=record.source,
                 kind=record.kind,
             ),
+            pending=record.pending,
         )
+
+    def settle(self, run_id: str) -> dict[str, int]:
+        """The run finished: what it stored becomes visible to other runs' recall."""
+        passages = self.vector.settle(run_id)
+        self.graph.settle(run_id)
+        return {"passages": passages}
 
     # -- reading ---------------------------------------------------------------------------------
     def search(
@@ -217,35 +248,44 @@ class Memory:
         kinds: Iterable[str] | None = None,
         exclude_run: str | None = None,
     ) -> list[list[Hit]]:
-        return self.vector.search(queries, k, kinds=kinds, exclude_run=exclude_run)
+        return self.vector.search(
+            queries,
+            k,
+            kinds=kinds,
+            exclude_run=exclude_run,
+            include_pending=self.include_unfinished,
+            own_run=self.run_id or None,
+        )
 
     def graph_context(self, text: str, *, max_entities: int = 5, per_entity: int = 4) -> list[str]:
         """Short lines on the entities of `text` that the graph knows: what they relate to."""
-        known = self.graph.find(candidate_names(text))
         lines: dict[str, str] = {}
-        # Longer names first: "northwind bikes" says more than "bikes".
-        for entity in sorted(known, key=lambda e: -len(e["name"]))[:max_entities]:
-            shown = 0
-            for n in self.graph.neighbours(entity["name"], limit=4 * per_entity):
-                rel = n["relation"]
-                arrow = f"-[{rel}]->" if n["direction"] == "out" else f"<-[{rel}]-"
-                fact = f"{entity['label']} {arrow} {n['other']}"
-                if fact not in lines and shown < per_entity:
-                    lines[fact] = f"{fact} (from {n['source']})"
-                    shown += 1
+        with self.graph.hold():  # one open of an embedded graph for every query below
+            known = self.graph.find(candidate_names(text))
+            # Longer names first: "northwind bikes" says more than "bikes".
+            for entity in sorted(known, key=lambda e: -len(e["name"]))[:max_entities]:
+                shown = 0
+                for n in self.graph.neighbours(entity["name"], limit=4 * per_entity):
+                    rel = n["relation"]
+                    arrow = f"-[{rel}]->" if n["direction"] == "out" else f"<-[{rel}]-"
+                    fact = f"{entity['label']} {arrow} {n['other']}"
+                    if fact not in lines and shown < per_entity:
+                        lines[fact] = f"{fact} (from {n['source']})"
+                        shown += 1
         return list(lines.values())
 
     def entity(self, name: str, *, limit: int = 25) -> dict[str, Any]:
         """An entity's neighbours and the findings that mention it."""
         key = normalize(name)
-        found = self.graph.find([name])
-        return {
-            "entity": found[0]["label"] if found else name,
-            "key": key,
-            "known": bool(found),
-            "relations": self.graph.neighbours(name, limit=limit) if found else [],
-            "mentioned_in": self.graph.mentions(name, limit=limit) if found else [],
-        }
+        with self.graph.hold():
+            found = self.graph.find([name])
+            return {
+                "entity": found[0]["label"] if found else name,
+                "key": key,
+                "known": bool(found),
+                "relations": self.graph.neighbours(name, limit=limit) if found else [],
+                "mentioned_in": self.graph.mentions(name, limit=limit) if found else [],
+            }
 
     def stats(self) -> dict[str, Any]:
         return {"vector": self.vector.stats(), "graph": self.graph.stats()}

@@ -7,6 +7,11 @@ vectors, so Chroma never tries to download its default model.
 Every record has a deterministic id (`doc:<path>#<n>`, `finding:<run>:<step>:<iteration>`,
 `output:<run>`), so writing the same thing twice (a resumed run, a re-ingested folder) updates it
 instead of duplicating it, and unchanged texts are not embedded again.
+
+Each memory namespace is its own collection (`atlas_memory` for the default one,
+`atlas_memory_<ns>` for another), so a search in one can never return another's passages.
+A run's findings and outputs are stored `pending` until the run finishes (`settle`), and searches
+leave pending passages out unless asked.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from atlas.errors import MemoryStoreError
 from atlas.memory.embeddings import Embedder
 
 COLLECTION = "atlas_memory"
+DEFAULT_NAMESPACE = "default"
+
+
+def collection_name(namespace: str) -> str:
+    return COLLECTION if namespace == DEFAULT_NAMESPACE else f"{COLLECTION}_{namespace}"
+
+
 KINDS = ("document", "finding", "output")
 _BATCH = 256
 """Records whose content hashes are checked at once."""
@@ -52,8 +64,10 @@ class Record:
     team: str = ""
     path: str = ""
     position: int = 0
+    pending: bool = False
+    """Written by a run that has not finished; searches leave it out until `settle`."""
 
-    def metadata(self) -> dict[str, str | int]:
+    def metadata(self) -> dict[str, str | int | bool]:
         meta = {k: v for k, v in asdict(self).items() if k not in ("id", "text")}
         meta["sha"] = _sha(self.text)
         return meta
@@ -135,6 +149,7 @@ class VectorMemory:
         path: Path | None = None,
         url: str | None = None,
         read_only: bool = False,
+        namespace: str = DEFAULT_NAMESPACE,
     ):
         if path is None and url is None:
             raise ValueError("VectorMemory needs a path or a url")
@@ -142,6 +157,8 @@ class VectorMemory:
         self.path = path
         self.url = url
         self.read_only = read_only
+        self.namespace = namespace
+        self.name = collection_name(namespace)
         """Never create or write anything: a store that does not exist reads as empty."""
         self._collection: Any = None
         """A server's collection (an embedded store's lives in `_EmbeddedStore`)."""
@@ -150,7 +167,10 @@ class VectorMemory:
 
     @property
     def where(self) -> str:
-        return safe_url(self.url) if self.url else str(self.path)
+        base = safe_url(self.url) if self.url else str(self.path)
+        if self.namespace == DEFAULT_NAMESPACE:
+            return base
+        return f"{base} (namespace {self.namespace})"
 
     # -- opening -------------------------------------------------------------------------------
     def _http_client(self) -> Any:
@@ -202,10 +222,10 @@ class VectorMemory:
                     try:
                         client = self._http_client()
                         col = (
-                            _get_collection(client)
+                            _get_collection(client, self.name)
                             if self.read_only
                             else client.get_or_create_collection(
-                                COLLECTION, embedding_function=None, metadata=self._metadata()
+                                self.name, embedding_function=None, metadata=self._metadata()
                             )
                         )
                     except MemoryStoreError:
@@ -221,8 +241,8 @@ class VectorMemory:
         if self.read_only and not _readable_store(self.path):
             yield _EMPTY
             return
-        store = _EmbeddedStore.shared(self.path, self._metadata())
-        with store.use(write=write, create=not self.read_only) as col:
+        store = _EmbeddedStore.shared(self.path)
+        with store.use(self.name, self._metadata(), write=write, create=not self.read_only) as col:
             if col is None:
                 yield _EMPTY
                 return
@@ -312,6 +332,19 @@ class VectorMemory:
                 col.delete(ids=ids)
         return len(ids)
 
+    def settle(self, run_id: str) -> int:
+        """Mark what `run_id` stored as finished, so searches show it; returns how many."""
+        with self._use(write=True) as col:
+            found = col.get(
+                where={"$and": [{"run_id": run_id}, {"pending": True}]}, include=["metadatas"]
+            )
+            if found["ids"]:
+                col.update(
+                    ids=found["ids"],
+                    metadatas=[{**(m or {}), "pending": False} for m in found["metadatas"]],
+                )
+        return len(found["ids"])
+
     # -- reading -------------------------------------------------------------------------------
     def search(
         self,
@@ -320,8 +353,11 @@ class VectorMemory:
         *,
         kinds: Iterable[str] | None = None,
         exclude_run: str | None = None,
+        include_pending: bool = False,
+        own_run: str | None = None,
     ) -> list[list[Hit]]:
-        """The `k` closest passages for each query, best first."""
+        """The `k` closest passages for each query, best first. Passages of runs that have not
+        finished are left out unless `include_pending`, but for `own_run`'s."""
         if not queries:
             return []
         filters: list[dict[str, Any]] = []
@@ -329,6 +365,11 @@ class VectorMemory:
             filters.append({"kind": {"$in": list(kinds)}})
         if exclude_run:
             filters.append({"run_id": {"$ne": exclude_run}})
+        if not include_pending:
+            settled: dict[str, Any] = {"pending": {"$ne": True}}
+            if own_run and own_run != exclude_run:
+                settled = {"$or": [settled, {"run_id": own_run}]}
+            filters.append(settled)
         where: dict[str, Any] | None = (
             None if not filters else filters[0] if len(filters) == 1 else {"$and": filters}
         )
@@ -367,18 +408,23 @@ class VectorMemory:
             found = col.get(ids=list(ids), include=["metadatas"])
         return {i: dict(m or {}) for i, m in zip(found["ids"], found["metadatas"], strict=True)}
 
-    def count(self, kind: str | None = None) -> int:
+    def count(self, kind: str | None = None, *, pending: bool = False) -> int:
+        where: dict[str, Any] | None = {"kind": kind} if kind else None
+        if pending:
+            where = {"$and": [where, {"pending": True}]} if where else {"pending": True}
         with self._use(write=False) as col:
-            if kind is None:
+            if where is None:
                 return int(col.count())
-            return len(col.get(where={"kind": kind}, include=[])["ids"])
+            return len(col.get(where=where, include=[])["ids"])
 
     def stats(self) -> dict[str, Any]:
         return {
             "store": self.where,
+            "namespace": self.namespace,
             "embedder": self.embedder.name,
             "passages": self.count(),
             **{f"{kind}s": self.count(kind) for kind in KINDS},
+            "pending": self.count(pending=True),
         }
 
     def clear(self) -> int:
@@ -401,38 +447,40 @@ class _EmbeddedStore:
     (measured: 12 processes writing one store left it unreadable). So each operation holds the
     store's file lock, every write bumps a generation file, and a process whose view is older
     than the last write reopens the store before using it. A process alone never reopens.
+    The lock and the generation are the directory's: every namespace's collection shares them.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str]):
+    def __init__(self, path: Path):
         self.path = path
-        self.metadata = metadata
         self.client: Any = None
-        self.collection: Any = None
+        self.collections: dict[str, Any] = {}
         self.generation: str | None = None
         self._thread_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, path: Path, metadata: dict[str, str]) -> _EmbeddedStore:
+    def shared(cls, path: Path) -> _EmbeddedStore:
         if path.exists() and not path.is_dir():
             raise MemoryStoreError(f"vector store {path} is a file, not a directory")
         key = str(path.resolve())
         with _stores_lock:
             store = _stores.get(key)
             if store is None:
-                store = _stores[key] = cls(Path(key), metadata)
+                store = _stores[key] = cls(Path(key))
             return store
 
     @contextlib.contextmanager
-    def use(self, *, write: bool, create: bool = True) -> Iterator[Any]:
-        """The collection under the store's lock; None when it does not exist and `create` is
-        false (then nothing is created: no lock file, no collection)."""
+    def use(
+        self, name: str, metadata: dict[str, str], *, write: bool, create: bool = True
+    ) -> Iterator[Any]:
+        """Collection `name` under the store's lock; None when it does not exist and `create`
+        is false (then nothing is created: no lock file, no collection)."""
         lock = file_lock(self.path / ".atlas.lock") if create else _shared_lock(self.path)
         with self._thread_lock, lock:
             current = self._read_generation()
-            if self.collection is None or current != self.generation:
-                self._open(create=create)
+            if self.client is None or current != self.generation:
+                self._reopen()
             try:
-                yield self.collection
+                yield self._collection(name, metadata, create=create)
             finally:
                 # Also when the write was interrupted: others reopen rather than miss it.
                 if write:
@@ -448,30 +496,44 @@ class _EmbeddedStore:
         except FileNotFoundError:
             return ""
 
-    def _open(self, *, create: bool) -> None:
+    def _reopen(self) -> None:
         import chromadb
 
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
-            self.client = self.collection = None
+        self.client = None
+        self.collections.clear()
         try:
-            client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
-            self.collection = (
-                client.get_or_create_collection(
-                    COLLECTION, embedding_function=None, metadata=self.metadata
+            self.client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
+        except Exception as exc:
+            raise self._failure(exc) from None
+
+    def _collection(self, name: str, metadata: dict[str, str], *, create: bool) -> Any:
+        col = self.collections.get(name)
+        if col is not None:
+            return col
+        try:
+            col = (
+                self.client.get_or_create_collection(
+                    name, embedding_function=None, metadata=metadata
                 )
                 if create
-                else _get_collection(client)
+                else _get_collection(self.client, name)
             )
         except Exception as exc:
-            if "readonly database" in str(exc):
-                raise MemoryStoreError(_read_only_message(self.path)) from None
-            raise MemoryStoreError(
-                f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
-                f"{_first_line(exc)}"
-            ) from None
-        self.client = client
+            raise self._failure(exc) from None
+        if col is not None:
+            self.collections[name] = col
+        return col
+
+    def _failure(self, exc: Exception) -> MemoryStoreError:
+        if "readonly database" in str(exc):
+            return MemoryStoreError(_read_only_message(self.path))
+        return MemoryStoreError(
+            f"vector store {self.path} cannot be opened (corrupt or not a Chroma store?): "
+            f"{_first_line(exc)}"
+        )
 
 
 _stores: dict[str, _EmbeddedStore] = {}
@@ -493,11 +555,11 @@ class _EmptyCollection:
 _EMPTY: Any = _EmptyCollection()
 
 
-def _get_collection(client: Any) -> Any:
-    """ATLAS's collection, or None when the store has none (nothing is created)."""
-    if COLLECTION not in {getattr(c, "name", c) for c in client.list_collections()}:
+def _get_collection(client: Any, name: str) -> Any:
+    """Collection `name`, or None when the store has none (nothing is created)."""
+    if name not in {getattr(c, "name", c) for c in client.list_collections()}:
         return None
-    return client.get_collection(COLLECTION, embedding_function=None)
+    return client.get_collection(name, embedding_function=None)
 
 
 def _read_only_message(path: Path) -> str:
@@ -540,4 +602,13 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-__all__ = ["COLLECTION", "KINDS", "Hit", "Record", "Upserted", "VectorMemory", "safe_url"]
+__all__ = [
+    "COLLECTION",
+    "KINDS",
+    "Hit",
+    "Record",
+    "Upserted",
+    "VectorMemory",
+    "collection_name",
+    "safe_url",
+]

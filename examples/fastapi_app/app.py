@@ -53,8 +53,8 @@ class RunRequest(BaseModel):
     )
     namespace: str | None = Field(
         None,
-        description="The memory partition this run reads and writes (refused until ATLAS's "
-        "memory namespaces land).",
+        description="The memory partition this run reads and writes (letters, digits, "
+        "underscores); the task file's when left out.",
     )
 
 
