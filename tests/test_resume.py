@@ -88,7 +88,7 @@ def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path)
     )
     first_pid = _calls(log)[0]["pid"]
     proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "passed" and summary["resumed"] is True
     after = [c for c in _calls(log) if c["pid"] != first_pid]
@@ -96,6 +96,15 @@ def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path)
     assert not any(c["role"] == "planner" for c in after)
     assert not any(set(c["tools"]) & RESEARCH_OR_ANALYSIS for c in after)
     assert Path(summary["output"]).is_file()
+    # MLflow: the resume continued the killed session's run; none is left RUNNING, none doubled.
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`atlas.run_id` = '{run_id}'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.tags["atlas.sessions"] == "2"
+    assert runs[0].data.metrics["passed"] == 1.0
 
 
 @pytest.mark.e2e
@@ -107,7 +116,7 @@ def test_kill_during_parallel_wave_then_resume_completes(tmp_path: Path) -> None
     before = _calls(log)
     first_pid = before[0]["pid"]
     proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "passed"
     after = [c for c in _calls(log) if c["pid"] != first_pid]
@@ -127,7 +136,7 @@ def test_kill_during_memory_write_then_resume_duplicates_nothing(tmp_path: Path)
     log = killed / "calls.jsonl"
     run_id = _start_and_kill(killed, log, lambda calls: any(c["role"] == "memory" for c in calls))
     proc = atlas_cli("resume", run_id, "--json", cwd=killed)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     uninterrupted = atlas_cli(
         "run", str(killed / "task.yaml"), "--model", "scripted", "--json", cwd=clean
     )
@@ -193,7 +202,7 @@ def test_sigkill_anywhere_then_resume(point: str, tmp_path: Path) -> None:
     before = _calls(log)
     first_pid = before[0]["pid"]
     proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "passed" and summary["resumed"] is True
     after = [c for c in _calls(log) if c["pid"] != first_pid]

@@ -29,6 +29,7 @@ from atlas.models.resilience import Notice, Sleep, attempts
 from atlas.models.usage import Usage, call_usage
 from atlas.spec import ModelSpec
 from atlas.tracing.redact import public_model
+from atlas.tracing.tree import MODEL_KEY
 
 
 @dataclass
@@ -188,7 +189,9 @@ def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = 
                     model = ctx.models.resolve(step.spec)
                     runnable = _runnable(model, step.spec, call, _call_timeout(ctx, step.spec))
                     messages = _messages_for(step.spec.provider, call)
-                    out = runnable.invoke(messages, config=_config(call, config))
+                    out = runnable.invoke(
+                        messages, config=_config(call, config, public_model(step.spec.model))
+                    )
                 except Exception as exc:
                     step = plan.send(exc)
                     continue
@@ -223,7 +226,9 @@ async def arun_model(
                     timeout = _call_timeout(ctx, step.spec)
                     runnable = _runnable(model, step.spec, call, timeout)
                     messages = _messages_for(step.spec.provider, call)
-                    pending = runnable.ainvoke(messages, config=_config(call, config))
+                    pending = runnable.ainvoke(
+                        messages, config=_config(call, config, public_model(step.spec.model))
+                    )
                     # The SDK's own timeout bounds the request; this also bounds a model that
                     # does its own waiting (a test double, a slow client-side step).
                     out = await asyncio.wait_for(pending, None if timeout is None else timeout + 5)
@@ -254,8 +259,10 @@ def _messages_for(provider: str, call: ModelCall) -> list[BaseMessage]:
     return fixed
 
 
-def _config(call: ModelCall, config: RunnableConfig | None) -> RunnableConfig:
+def _config(call: ModelCall, config: RunnableConfig | None, label: str) -> RunnableConfig:
     cfg: RunnableConfig = {"run_name": call.run_name} if call.run_name else {}
+    # The model's label on its span: what the trace prices the call by (atlas.tracing.tree).
+    cfg["metadata"] = {MODEL_KEY: label}
     if config is not None and config.get("callbacks") is not None:
         cfg["callbacks"] = config["callbacks"]
     return cfg

@@ -418,6 +418,25 @@ def agent_version(spec: TaskSpec, ctx: RunContext) -> str:
     return digest[:12]
 
 
+def agent_params(spec: TaskSpec, ctx: RunContext) -> dict[str, str]:
+    """What an agent version is: teams, workers, personas (with content hashes), tools and the
+    model of each role; the LoggedModel's params, so two versions can be compared."""
+    reg = ctx.registry
+    params: dict[str, str] = {f"model.{k}": v for k, v in ctx.models.describe().items()}
+    params["teams"] = ",".join(spec.teams)
+    for name in spec.teams:
+        team = reg.team(name)
+        params[f"team.{name}.supervisor"] = team.supervisor.persona
+        params[f"team.{name}.workers"] = ",".join(w.name for w in team.workers)
+        for worker in team.workers:
+            params[f"worker.{name}.{worker.name}.tools"] = ",".join(worker.tools) or "-"
+            params[f"worker.{name}.{worker.name}.persona"] = worker.persona
+        for persona in {team.supervisor.persona, *(w.persona for w in team.workers)}:
+            text = reg.persona(persona).prompt
+            params[f"persona.{persona}"] = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return {k[:250]: v[:6000] for k, v in params.items()}
+
+
 class _Handle:
     def __init__(self, span: Any) -> None:
         self.span = span
@@ -533,6 +552,53 @@ class MlflowTracer:
             pass
 
 
+class _Shaped:
+    """A finished span of a still-open trace, replaced by its reshaped immutable form: what
+    MLflow's trace manager calls on it (`to_immutable_span`, the span's fields) it answers."""
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    def to_immutable_span(self) -> Any:
+        return self._span
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._span, name)
+
+
+def _reshape_live(trace_id: str) -> list[Any]:
+    """Reshape a trace whose spans have all ended but its root (`atlas.tracing.tree`), in
+    MLflow's trace manager, before the root ends: the trace MLflow then writes (its artifact,
+    size and previews) is the reshaped one. Returns the reshaped spans but the root (MLflow
+    `Span`s), or [] when the trace is not in that state (it is then written as it is).
+
+    MLflow has no hook between a trace's last span and its export; its manager's span table is
+    the one place both see. `tests/test_tracing.py` pins the result."""
+    try:
+        from mlflow.entities import Span
+        from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+        from atlas.tracing.tree import reshape
+
+        with InMemoryTraceManager.get_instance().get_trace(trace_id) as trace:
+            if trace is None:
+                return []
+            spans = list(trace.span_dict.values())
+            roots = [s for s in spans if s.parent_id is None]
+            if len(roots) != 1 or any(s.end_time_ns is None for s in spans if s is not roots[0]):
+                return []
+            root = roots[0]
+            dicts = reshape([s.to_immutable_span().to_dict() for s in spans])
+            shaped = [Span.from_dict(d) for d in dicts if d["parent_span_id"]]
+            table: dict[str, Any] = {root.span_id: root}
+            table.update({s.span_id: _Shaped(s) for s in shaped})
+            trace.span_dict = table
+            return shaped
+    except Exception as exc:  # telemetry never fails a run; the trace is written unshaped
+        log.debug("could not reshape the trace: %s", exc)
+        return []
+
+
 def _is_descendant(span: Any, ancestor: Any) -> bool:
     """Whether `span` is `ancestor` or below it (walks the live trace's parent ids)."""
     try:
@@ -597,6 +663,15 @@ class MlflowTrace:
         self._verdict: dict[str, Any] | None = None
         self._artifacts: list[Path] = []
         self._metrics: dict[str, float] = {}
+        self._alerts: list[dict[str, Any]] = []
+        self._model_id: str | None = None
+        self._spans: list[Any] = []
+        """The run's spans as they ended (MLflow `Span`s), for the one batched write."""
+        self._verdicts: list[dict[str, Any]] = []
+        self._status: str | None = None
+        self._judge_model = "atlas.judge"
+        self.task_file: str | None = None
+        """The task file the run was made from (what its expectations are credited to)."""
         self._started = time.perf_counter()
         self.nested = False
         """Whether the root span is a child of the caller's span (the caller's trace)."""
@@ -680,33 +755,25 @@ class MlflowTrace:
         own. If MLflow fails here, the run goes on untraced and its summary has no trace id.
         """
         import mlflow
-        from mlflow.tracing.constant import TraceMetadataKey
+        from mlflow.tracing.constant import TraceMetadataKey, TraceTagKey
 
         quiet_mlflow_logs()
         client = mlflow.MlflowClient(self._uri)
         parent = mlflow.get_current_active_span()
         try:
             with QUIET.capture() as found:
-                run = client.create_run(
-                    self.experiment_id,
-                    run_name=ctx.run_id,
-                    tags={
-                        "atlas.run_id": ctx.run_id,
-                        "atlas.resumed": str(resumed),
-                        "atlas.task": ctx.spec.display_name[:250],
-                    },
-                )
-                self.mlflow_run_id = run.info.run_id
-                params = {f"model.{k}": v for k, v in ctx.models.describe().items()}
-                params["teams"] = ",".join(ctx.spec.teams)
-                from mlflow.entities import Param
-
-                client.log_batch(
-                    self.mlflow_run_id, params=[Param(k, v) for k, v in params.items()]
-                )
+                self.mlflow_run_id = _open_run(client, self.experiment_id, ctx, resumed=resumed)
+                label, digest = version_name(ctx.spec, ctx)
                 model_id = _logged_model(
-                    client, self.experiment_id, f"atlas-{agent_version(ctx.spec, ctx)}"
+                    client,
+                    self.experiment_id,
+                    label,
+                    source_run=self.mlflow_run_id,
+                    params=agent_params(ctx.spec, ctx),
+                    digest=digest,
                 )
+                self._model_id = model_id
+                self._judge_model = ctx.models.label("judge")
             for _, line in found:
                 log.debug("MLflow while starting the run: %s", line)
             own: dict[str, Any] = {}
@@ -723,6 +790,7 @@ class MlflowTrace:
                     "metadata": metadata,
                     "experiment_id": self.experiment_id,
                 }
+                own["tags"][TraceTagKey.TRACE_NAME] = _title(ctx.spec)
             span = mlflow.start_span_no_context(
                 "atlas.task",
                 span_type="AGENT",
@@ -766,6 +834,7 @@ class MlflowTrace:
         if span is None:
             return
         failure: str | None = None
+        shaped = [] if self.nested else _reshape_live(span.trace_id)
         with QUIET.capture() as found:
             try:
                 if isinstance(error, Exception):
@@ -777,6 +846,9 @@ class MlflowTrace:
                     span.end()
             except Exception as exc:
                 failure = _exc_line(exc)
+        if shaped:
+            with contextlib.suppress(Exception):
+                self._spans = [span.to_immutable_span(), *shaped]
         if self.nested or (failure is None and not found):
             return
         if failure is None and self.trace_id and self._stored(self.trace_id):
@@ -804,6 +876,10 @@ class MlflowTrace:
         run = totals(usage)
         verdict = values.get("verdict") or None
         self._verdict = verdict
+        self._verdicts = [v for v in values.get("verdicts") or [] if isinstance(v, dict)]
+        if verdict and not self._verdicts:
+            self._verdicts = [verdict]
+        self._status = values.get("status")
         root = self.tracer.root
         metrics: dict[str, float] = {
             "tokens": run["tokens"],
@@ -842,6 +918,55 @@ class MlflowTrace:
             p for p in (plan_file, Path(values.get("output_path") or "")) if p.is_file()
         ]
 
+    def record_alerts(self, breaches: list[dict[str, Any]]) -> None:
+        """Alerts the run raised (`name`, `value`, `limit`, `message` each), recorded on the
+        trace by `close` as `atlas.alert.<name>` tags and assessments."""
+        self._alerts = list(breaches)
+
+    def _write_spans(self) -> dict[int, str]:
+        """Every span of the run, reshaped (see `atlas.tracing.tree`), to the tracking store in
+        one batched write, so span search, the Overview's charts and the UI's span filters see
+        them. Returns the judge span's id per iteration."""
+        from mlflow.tracing.client import TracingClient
+
+        from atlas.tracing.tree import judge_spans
+
+        spans, self._spans = self._spans, []
+        TracingClient(self._uri).log_spans(self.experiment_id, spans)
+        return judge_spans(spans)
+
+    def _log_verdicts(self, trace_id: str, judges: dict[int, str]) -> None:
+        judge_model = self._judge_model
+        for verdict in self._verdicts:
+            iteration = verdict.get("iteration")
+            span_id = judges.get(iteration) if isinstance(iteration, int) else None
+            log_verdict(trace_id, verdict, source_id=judge_model, span_id=span_id)
+        if self._verdict:
+            log_verdict(trace_id, self._verdict, source_id=judge_model, final=True)
+        if self.spec.acceptance:
+            log_criteria(trace_id, list(self.spec.acceptance), self.task_file)
+        for alert in self._alerts:
+            log_alert(trace_id, alert)
+
+    def _tag_trace(self, trace_id: str, status: str | None) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self._uri)
+        if status not in (None, "passed"):
+            client.set_trace_tag(trace_id, "atlas.outcome", str(status))
+        for alert in self._alerts:
+            client.set_trace_tag(
+                trace_id, f"atlas.alert.{alert['name']}", str(alert.get("message", ""))[:250]
+            )
+
+    def _link_model(self, client: Any, run_id: str) -> None:
+        """The run as one of the agent version's source runs, its judge score and cost as the
+        version's metrics (logged with `model_id` in `close`)."""
+        from mlflow.entities import LoggedModelOutput
+
+        if self._model_id:
+            client.log_outputs(run_id, [LoggedModelOutput(self._model_id, 0)])
+
     def close(self, status: str | None = None) -> None:
         """Record the run's metrics, artifacts and verdict, and end the MLflow run.
 
@@ -860,15 +985,30 @@ class MlflowTrace:
         steps: list[tuple[str, Callable[[], Any]]] = []
         if self._metrics:
             self._metrics["wall_s"] = round(time.perf_counter() - self._started, 3)
-            metrics = [Metric(k, float(v), now_ms, 0) for k, v in self._metrics.items()]
+            self._metrics["passed"] = 1.0 if status == "passed" else 0.0
+            metrics = [
+                Metric(k, float(v), now_ms, 0, model_id=self._model_id)
+                for k, v in self._metrics.items()
+            ]
             steps.append(("metrics", lambda: client.log_batch(run_id, metrics=metrics)))
+        if status not in (None, "passed"):
+            steps.append(("the outcome", lambda: client.set_tag(run_id, "atlas.outcome", status)))
         for path in self._artifacts:
             steps.append((path.name, functools.partial(client.log_artifact, run_id, str(path))))
         steps.append(("trace", mlflow.flush_trace_async_logging))
-        trace_id, verdict = self.trace_id, self._verdict
-        if trace_id and verdict and not self.nested:  # the caller's trace is not stored yet
-            criteria = list(self.spec.acceptance)
-            steps.append(("verdict", lambda: log_verdict(trace_id, verdict, criteria)))
+        trace_id = self.trace_id
+        judges: dict[int, str] = {}
+        if trace_id and self._spans:
+
+            def write_spans() -> None:
+                judges.update(self._write_spans())
+
+            steps.append(("the spans", write_spans))
+        if trace_id and not self.nested:  # the caller's trace is not stored yet
+            steps.append(("the verdicts", lambda: self._log_verdicts(trace_id, judges)))
+            steps.append(("the trace's tags", lambda: self._tag_trace(trace_id, status)))
+        if self._model_id and self._metrics:
+            steps.append(("the agent version", lambda: self._link_model(client, run_id)))
         final = "FINISHED" if status in (None, "passed", "failed", "budget_exhausted") else "FAILED"
         if status == "interrupted":
             final = "KILLED"
@@ -891,11 +1031,71 @@ class MlflowTrace:
             _warn(self.on_event, f"MLflow tracking store {where} did not record {failed}")
 
 
+def _title(spec: TaskSpec) -> str:
+    """The trace's name in MLflow's lists: the task's short title."""
+    title = " ".join(spec.display_name.split())
+    return title if len(title) <= 80 else title[:79] + "…"
+
+
+def _open_run(client: Any, experiment_id: str, ctx: RunContext, *, resumed: bool) -> str:
+    """The MLflow run for this ATLAS run: a resume continues the run its first session made
+    (found by its `atlas.run_id` tag), so a killed run leaves no orphan and no duplicate."""
+    from mlflow.entities import Param
+
+    tags = {"atlas.run_id": ctx.run_id, "atlas.task": ctx.spec.display_name[:250]}
+    params = {f"model.{k}": v for k, v in ctx.models.describe().items()}
+    params["teams"] = ",".join(ctx.spec.teams)
+    if resumed:
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`atlas.run_id` = '{ctx.run_id}'",
+            max_results=1,
+        )
+        if found:
+            run = found[0]
+            client.update_run(run.info.run_id, status="RUNNING")
+            sessions = int(run.data.tags.get("atlas.sessions", "1")) + 1
+            client.set_tag(run.info.run_id, "atlas.resumed", "True")
+            client.set_tag(run.info.run_id, "atlas.sessions", str(sessions))
+            new = {k: v for k, v in params.items() if k not in run.data.params}
+            if new:
+                client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in new.items()])
+            return str(run.info.run_id)
+    created = client.create_run(
+        experiment_id,
+        run_name=ctx.run_id,
+        tags={**tags, "atlas.resumed": str(resumed), "atlas.sessions": "1"},
+    )
+    run_id = str(created.info.run_id)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    return run_id
+
+
+def version_name(spec: TaskSpec, ctx: RunContext) -> tuple[str, str]:
+    """(the LoggedModel's name, the configuration's hash): the task's `version:` label (or
+    `ATLAS_VERSION`) when set, else `atlas-<hash>`."""
+    from atlas import spec as spec_module
+
+    digest = agent_version(spec, ctx)
+    labelled = getattr(spec_module, "agent_version_label", None)
+    label = labelled(spec) if labelled is not None else None
+    return (label or f"atlas-{digest}"), digest
+
+
 _models: dict[tuple[str, str, str], str] = {}
 
 
-def _logged_model(client: Any, experiment_id: str, name: str) -> str | None:
-    """Get or create the LoggedModel for an agent version; traces link to it."""
+def _logged_model(
+    client: Any,
+    experiment_id: str,
+    name: str,
+    *,
+    source_run: str | None = None,
+    params: dict[str, str] | None = None,
+    digest: str | None = None,
+) -> str | None:
+    """Get or create the LoggedModel for an agent version (READY, with its params and the run
+    that made it); traces and runs link to it."""
     key = (str(client.tracking_uri), experiment_id, name)
     if key in _models:
         return _models[key]
@@ -905,9 +1105,23 @@ def _logged_model(client: Any, experiment_id: str, name: str) -> str | None:
         )
         if found:
             model_id = str(found[0].model_id)
+            known = dict(found[0].params or {})
         else:
-            created = client.create_logged_model(experiment_id, name=name, model_type="agent")
+            created = client.create_logged_model(
+                experiment_id,
+                name=name,
+                model_type="agent",
+                source_run_id=source_run,
+                tags={"atlas.config_hash": digest} if digest else None,
+            )
             model_id = str(created.model_id)
+            known = {}
+            from mlflow.entities import LoggedModelStatus
+
+            client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+        new = {k: v for k, v in (params or {}).items() if k not in known}
+        if new:
+            client.log_model_params(model_id, new)
     except Exception as exc:
         log.debug("could not record the agent version: %s", exc)
         return None
@@ -915,38 +1129,97 @@ def _logged_model(client: Any, experiment_id: str, name: str) -> str | None:
     return model_id
 
 
-def log_verdict(trace_id: str, verdict: dict[str, Any], criteria: list[str]) -> None:
-    """The judge's verdict as feedback assessments; the criteria as expectations."""
+def criterion_names(criteria: list[str]) -> list[str]:
+    """A short slug of each criterion's text, in the task's order, unique within the task."""
+    names: list[str] = []
+    for index, text in enumerate(criteria, 1):
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        kept: list[str] = []
+        for word in (w for w in words if w not in _SLUG_SKIP):
+            if kept and len("_".join([*kept, word])) > 36:
+                break
+            kept.append(word)
+        slug = "_".join(kept)[:48] or "criterion"
+        name = f"criterion.{slug}"
+        if name in names:
+            name = f"{name}_{index}"
+        names.append(name)
+    return names
+
+
+_SLUG_SKIP = {"a", "an", "the", "of", "and", "or", "to", "from", "in", "on", "for", "with"}
+
+
+def log_verdict(
+    trace_id: str,
+    verdict: dict[str, Any],
+    *,
+    source_id: str,
+    span_id: str | None = None,
+    final: bool = False,
+) -> None:
+    """One verdict of the judge as feedback: `judge` (passed), `judge_score`, and one per
+    criterion named by `criterion_names`; on its judge span (`span_id`) for an iteration's
+    verdict, on the trace for the final one (`final`, also in its metadata)."""
     import mlflow
     from mlflow.entities import AssessmentSource, AssessmentSourceType
 
-    source = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id="atlas.judge")
+    source = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=source_id)
+    iteration = str(verdict.get("iteration"))
+    meta = {"iteration": iteration, "final": str(final)}
+    common: dict[str, Any] = {"trace_id": trace_id, "source": source, "span_id": span_id}
+    feedback = verdict.get("feedback") or None
     mlflow.log_feedback(
-        trace_id=trace_id,
         name="judge",
         value=bool(verdict.get("passed")),
-        source=source,
-        rationale=verdict.get("feedback") or None,
-        metadata={"score": str(verdict.get("score")), "iteration": str(verdict.get("iteration"))},
+        rationale=feedback,
+        metadata={**meta, "score": str(verdict.get("score"))},
+        **common,
     )
     mlflow.log_feedback(
-        trace_id=trace_id,
         name="judge_score",
         value=float(verdict.get("score") or 0.0),
-        source=source,
-        rationale=verdict.get("feedback") or None,
+        rationale=feedback,
+        metadata=meta,
+        **common,
     )
-    for index, result in enumerate(verdict.get("criteria") or [], 1):
+    results = [r for r in verdict.get("criteria") or [] if isinstance(r, dict)]
+    texts = [str(r.get("criterion", "")) for r in results]
+    for name, text, result in zip(criterion_names(texts), texts, results, strict=True):
+        reason = str(result.get("reason") or "")
         mlflow.log_feedback(
-            trace_id=trace_id,
-            name=f"criterion_{index}",
+            name=name,
             value=bool(result.get("passed")),
-            source=source,
-            rationale=result.get("reason") or None,
-            metadata={"criterion": str(result.get("criterion", ""))[:500]},
+            rationale=f"{text}: {reason}" if reason else text,
+            metadata={**meta, "criterion": text[:500]},
+            **common,
         )
-    if criteria:
-        mlflow.log_expectation(trace_id=trace_id, name="acceptance_criteria", value=criteria)
+
+
+def log_criteria(trace_id: str, criteria: list[str], task_file: str | None) -> None:
+    """The task's acceptance criteria as an expectation, credited to the task file."""
+    import mlflow
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+    source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=task_file or "task")
+    mlflow.log_expectation(
+        trace_id=trace_id, name="acceptance_criteria", value=criteria, source=source
+    )
+
+
+def log_alert(trace_id: str, alert: dict[str, Any]) -> None:
+    """An alert the run raised, as failed feedback from ATLAS's monitor."""
+    import mlflow
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+    mlflow.log_feedback(
+        trace_id=trace_id,
+        name=f"alert.{alert['name']}",
+        value=False,
+        rationale=str(alert.get("message") or "") or None,
+        source=AssessmentSource(source_type=AssessmentSourceType.CODE, source_id="atlas.alerts"),
+        metadata={"value": str(alert.get("value")), "limit": str(alert.get("limit"))},
+    )
 
 
 def export_whole_traces() -> None:
@@ -955,9 +1228,10 @@ def export_whole_traces() -> None:
     MLflow 3 also writes every span to a SQL store the moment it ends: one transaction per span,
     on the thread that ended it, so inside the run's critical path. Profiled (py-spy, the
     fan-out benchmark): those writes were most of tracing's cost, and skipping them took a traced
-    zero-latency run from 3.0 s to 0.5 s (0.27 s untraced). The whole trace is still written
-    when the run ends, with every span; the spans then live in the trace's artifact, which the
-    UI and `mlflow.get_trace` read, so only span-level trace search is lost.
+    zero-latency run from 3.0 s to 0.5 s (0.27 s untraced). The spans are not lost: when the
+    run ends, `_AtlasTrace.close` writes all of them, reshaped, in one batched `log_spans` call
+    (`_write_spans`), so span search, the Overview's tool-call charts and the UI's span filters
+    see them, and the trace's artifact holds the same tree.
 
     MLflow has no setting for this; the exporter's flag is the one MLflow itself clears for a
     store without span logging. Without that attribute (another MLflow), nothing changes.
@@ -1050,8 +1324,9 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
             from mlflow.tracing import configure
 
             from atlas.tracing.redact import make_processor
+            from atlas.tracing.tree import cost_processor
 
-            configure(span_processors=[make_processor()])
+            configure(span_processors=[make_processor(), cost_processor()])
             mlflow.langchain.autolog(log_traces=True, silent=True)
         _autologged = True
     return experiment_id

@@ -39,6 +39,9 @@ class NullTrace:
     def finish(self, ctx: RunContext, values: dict[str, Any]) -> None:
         pass
 
+    def record_alerts(self, breaches: list[dict[str, Any]]) -> None:
+        pass
+
     def close(self, status: str | None = None) -> None:
         pass
 
