@@ -1,4 +1,4 @@
-"""`python -m atlas`: run, resume, runs, validate, schema, ui, memory.
+"""`python -m atlas`: run, resume, runs, trace, validate, schema, ui, memory.
 
 Imports are lazy so `--help` is fast. Exit codes: 0 passed, 1 finished without passing (or a
 budget stop; the output is still written), 2 bad input, 3 runtime failure, 130 interrupted.
@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     resume.add_argument("--quiet", action="store_true", help="no live progress")
     state(resume)
+
+    trace = sub.add_parser(
+        "trace", help="a run's story from its MLflow trace: plans, waves, handoffs, verdicts"
+    )
+    trace.add_argument("run_id", metavar="RUN_ID", help="a run id, or a unique prefix of one")
+    trace.add_argument("--json", action="store_true", help="print the story as one JSON document")
+    trace.add_argument(
+        "--tracking-uri", metavar="URI", help="read the trace from this store (default: the run's)"
+    )
+    state(trace)
 
     runs = sub.add_parser("runs", help="list runs and their status")
     runs.add_argument("--json", action="store_true")
@@ -285,6 +295,7 @@ def _execute(args: argparse.Namespace, start: Any) -> int:
     from atlas.runner import last_result
 
     progress = Progress(enabled=not args.quiet, to_stderr=args.json)
+    _quiet_alert_log()
     previous = _install_signals()
     try:
         with progress:
@@ -324,11 +335,23 @@ def _execute(args: argparse.Namespace, start: Any) -> int:
         return code
     finally:
         _restore_signals(previous)
+    for alert in result.alerts:
+        print(f"warning: alert {alert['name']}: {alert['message']}", file=sys.stderr)
     if args.json:
         print(result.to_json())
     else:
         progress.summary(result)
     return EXIT_PASSED if result.passed else EXIT_NOT_PASSED
+
+
+def _quiet_alert_log() -> None:
+    """Alerts are logged for embedding apps; the CLI prints them itself, as `warning:` lines."""
+    import logging
+
+    alerts = logging.getLogger("atlas.alerts")
+    alerts.propagate = False
+    if not alerts.handlers:
+        alerts.addHandler(logging.NullHandler())
 
 
 def _install_signals() -> Any:
@@ -379,6 +402,19 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from atlas.runs import RunStore, state_dir
+    from atlas.tracing.story import render, story_for_record
+
+    directory = state_dir(args.state_dir)
+    record = RunStore(directory).resolve(args.run_id)
+    if record.run_id != args.run_id:
+        print(f"atlas: run {record.run_id} (matched prefix {args.run_id})", file=sys.stderr)
+    story = story_for_record(record, directory, tracking_uri=args.tracking_uri)
+    print(json.dumps(story, indent=2) if args.json else render(story))
+    return 0
+
+
 def _cmd_memory(args: argparse.Namespace) -> int:
     from atlas.memory.cli import run
 
@@ -407,6 +443,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
     "runs": _cmd_runs,
+    "trace": _cmd_trace,
     "validate": _cmd_validate,
     "schema": _cmd_schema,
     "ui": _cmd_ui,

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from atlas.alerts import check_alerts
 from atlas.context import RunContext
 from atlas.errors import AtlasError
 from atlas.events import EndEvent, EventHandler, StartEvent
 from atlas.models.usage import totals
 from atlas.runs import RunRecord, RunStore, now, spec_to_json
-from atlas.spec import TaskSpec
+from atlas.spec import TaskSpec, agent_version_label
 from atlas.tracing.redact import public_model
+
+log = logging.getLogger("atlas.alerts")
 
 
 @dataclass
@@ -64,6 +68,9 @@ class RunResult:
     tool_errors: int = 0
     """Of those, calls that failed: raised, timed out, or answered `error: ...`. Each went back
     to the model as the tool's answer."""
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    """Thresholds of the task's `alerts:` that the run breached (`name`, `value`, `limit`,
+    `message` each); the status is unchanged by them."""
 
     @property
     def passed(self) -> bool:
@@ -127,6 +134,8 @@ def prepare(
 ) -> RunContext:
     """Make the run's context and resolve every role's model now, so a missing key or an unknown
     provider fails before anything starts."""
+    if spec.tracing.enabled:
+        agent_version_label(spec)  # a bad ATLAS_VERSION is one line, before anything starts
     ctx = RunContext.create(spec, run_id=run_id, state_dir=directory, model=model)
     for role in ctx.models.describe():
         ctx.models.get(role)
@@ -283,6 +292,8 @@ class Session:
             ctx.tracer, trace = start_tracing(
                 spec, directory, tracking_uri=tracking_uri, on_event=on_event
             )
+            if task_file and hasattr(trace, "task_file"):
+                trace.task_file = task_file  # the criteria's expectation is credited to it
             if not resumed:
                 store.start(new_record(ctx, model, task_file))
             else:
@@ -323,8 +334,13 @@ class Session:
             result.output = salvaged
         if error is not None:
             result.error = one_line(error)
+        if status != "error":
+            result.alerts = [a.as_dict() for a in check_alerts(ctx.spec.alerts, result)]
+            for alert in result.alerts:
+                log.warning("alert %s: %s", alert["name"], alert["message"])
         with contextlib.suppress(Exception):
             self.store.update(ctx.run_id, **record_fields(result))
         ctx.close()
+        self.trace.record_alerts(result.alerts)
         self.trace.close(status)
         return result

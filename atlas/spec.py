@@ -316,6 +316,24 @@ class JudgeSettings(_Strict):
     pass_threshold: float = Field(0.7, ge=0, le=1, description="Minimum score to pass")
 
 
+class Alerts(_Strict):
+    """Thresholds the run is checked against when it ends. A breach does not change the run's
+    status: it prints a warning line, tags the trace `atlas.alert.<name>` and is logged as an
+    assessment, so the runs that alerted can be searched for."""
+
+    max_wall_s: float | None = Field(None, gt=0, description="Wall time of the run, seconds")
+    max_cost_usd: float | None = Field(None, ge=0, description="Cost of the run, USD")
+    min_score: float | None = Field(None, ge=0, le=1, description="Lowest acceptable judge score")
+    max_tool_error_rate: float | None = Field(
+        None, ge=0, le=1, description="Failed tool calls over all tool calls"
+    )
+
+
+VERSION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Agent version labels name MLflow LoggedModels, whose names refuse `/ : . % " '`: 1-64
+letters, digits, dashes and underscores."""
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -442,6 +460,12 @@ class TaskSpec(_Strict):
     tracing: Tracing = Field(default_factory=Tracing)
     memory: Memory = Field(default_factory=Memory)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    alerts: Alerts = Field(default_factory=Alerts)
+    version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description="Names this agent version in MLflow (ATLAS_VERSION overrides it)",
+    )
     mcp_servers: dict[str, McpServer] = Field(
         default_factory=dict,
         description="MCP servers; workers list their tools as mcp.<server>.<tool>",
@@ -509,6 +533,20 @@ class TaskSpec(_Strict):
         spec = _validate(data, Path(base_dir).resolve(), source="<dict>")
         check_output(spec, source="<dict>")
         return spec
+
+
+def agent_version_label(spec: TaskSpec, environ: Mapping[str, str] | None = None) -> str | None:
+    """The agent version's label: `ATLAS_VERSION` when set, else the task's `version:`.
+    Raises SpecError for a label MLflow could not name a model by."""
+    value = (os.environ if environ is None else environ).get("ATLAS_VERSION", "").strip()
+    if not value:
+        return spec.version
+    if not re.match(VERSION_PATTERN, value):
+        raise SpecError(
+            f"ATLAS_VERSION: {value[:70]!r} is not a version label "
+            "(1-64 letters, digits, '_' or '-')"
+        )
+    return value
 
 
 @dataclasses.dataclass
