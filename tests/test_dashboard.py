@@ -245,3 +245,39 @@ def test_async_runs_log_no_autolog_errors_and_no_anonymous_spans(
     trace = mlflow.MlflowClient(result.tracking_uri).get_trace(result.trace_id)
     assert not [s for s in trace.data.spans if s.name in (None, "", "None")]
     assert {s.name for s in trace.data.spans} >= {"iteration 1", "iteration 2"}
+
+
+def test_personas_are_prompts_linked_to_the_trace_and_versioned_by_content(
+    make_spec: Callable[..., Any], state_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import mlflow
+
+    from tests.conftest import ROOT
+
+    def linked(result: Any) -> dict[str, str]:
+        tags = mlflow.MlflowClient(result.tracking_uri).get_trace(result.trace_id).info.tags
+        return {p["name"]: p["version"] for p in json.loads(tags["mlflow.linkedPrompts"])}
+
+    traced = {"enabled": True, "experiment": "atlas-prompts"}
+    first = atlas.run(make_spec(tracing=traced), model="scripted", state_dir_path=state_dir)
+    again = atlas.run(make_spec(tracing=traced), model="scripted", state_dir_path=state_dir)
+    assert linked(first)["atlas.persona.writer"] == "1"
+    assert linked(again) == linked(first)  # unchanged personas: no new versions
+    # An edited persona is a new version of its prompt; the others stay as they were.
+    own = tmp_path / "my_personas"
+    own.mkdir()
+    text = (ROOT / "personas" / "writer.md").read_text() + "\nAlways end with a one-line summary.\n"
+    (own / "writer.md").write_text(text)
+    edited = atlas.run(
+        make_spec(tracing=traced, personas_dir=str(own)), model="scripted", state_dir_path=state_dir
+    )
+    now = linked(edited)
+    assert now["atlas.persona.writer"] == "2"
+    assert {k: v for k, v in now.items() if k != "atlas.persona.writer"} == {
+        k: v for k, v in linked(first).items() if k != "atlas.persona.writer"
+    }
+    client = mlflow.MlflowClient(edited.tracking_uri)
+    version = client.get_prompt_version("atlas.persona.writer", 2)
+    assert version.template.endswith("Always end with a one-line summary.")

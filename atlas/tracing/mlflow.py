@@ -670,6 +670,8 @@ class MlflowTrace:
         self._verdicts: list[dict[str, Any]] = []
         self._status: str | None = None
         self._judge_model = "atlas.judge"
+        self._prompts: list[Any] = []
+        """The registry's versions of the personas the run used (`atlas.tracing.prompts`)."""
         self.task_file: str | None = None
         """The task file the run was made from (what its expectations are credited to)."""
         self._started = time.perf_counter()
@@ -774,6 +776,7 @@ class MlflowTrace:
                 )
                 self._model_id = model_id
                 self._judge_model = ctx.models.label("judge")
+                self._prompts = _personas_as_prompts(client, ctx, model_id)
             for _, line in found:
                 log.debug("MLflow while starting the run: %s", line)
             own: dict[str, Any] = {}
@@ -1007,6 +1010,14 @@ class MlflowTrace:
         if trace_id and not self.nested:  # the caller's trace is not stored yet
             steps.append(("the verdicts", lambda: self._log_verdicts(trace_id, judges)))
             steps.append(("the trace's tags", lambda: self._tag_trace(trace_id, status)))
+            if self._prompts:
+                prompts = self._prompts
+                steps.append(
+                    (
+                        "the personas",
+                        lambda: client.link_prompt_versions_to_trace(prompts, trace_id),
+                    )
+                )
         if self._model_id and self._metrics:
             steps.append(("the agent version", lambda: self._link_model(client, run_id)))
         final = "FINISHED" if status in (None, "passed", "failed", "budget_exhausted") else "FAILED"
@@ -1080,6 +1091,17 @@ def version_name(spec: TaskSpec, ctx: RunContext) -> tuple[str, str]:
     labelled = getattr(spec_module, "agent_version_label", None)
     label = labelled(spec) if labelled is not None else None
     return (label or f"atlas-{digest}"), digest
+
+
+def _personas_as_prompts(client: Any, ctx: RunContext, model_id: str | None) -> list[Any]:
+    """The run's personas in the prompt registry; [] (and the run goes on) if that fails."""
+    from atlas.tracing.prompts import register_personas
+
+    try:
+        return register_personas(client, ctx, model_id)
+    except Exception as exc:
+        log.debug("could not register the personas as prompts: %s", exc)
+        return []
 
 
 _models: dict[tuple[str, str, str], str] = {}
