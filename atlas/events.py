@@ -281,6 +281,9 @@ class EndEvent(_Timed):
     lost_calls: int
     tool_calls: int
     tool_errors: int
+    alerts: list[dict[str, Any]]
+    """Thresholds of the task's `alerts:` the run breached (`name`, `value`, `limit`,
+    `message`); see `atlas.alerts`."""
 
 
 class ErrorEvent(_Timed):

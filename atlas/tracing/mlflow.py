@@ -354,7 +354,9 @@ class QuietMlflowLogs(logging.Filter):
         record.msg, record.args = line, None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         if record.levelno < logging.WARNING:
-            return True
+            # The registry's "Waiting up to 300 seconds for prompt version ..." line, once per
+            # persona a run registers, says nothing to the user.
+            return not record.name.startswith("mlflow.store.model_registry")
         found = getattr(self._local, "found", None)
         if found is not None:
             found.append((record.name, line))
@@ -760,6 +762,8 @@ class MlflowTrace:
         from mlflow.tracing.constant import TraceMetadataKey, TraceTagKey
 
         quiet_mlflow_logs()
+        with contextlib.suppress(Exception):
+            ensure_processors()
         client = mlflow.MlflowClient(self._uri)
         parent = mlflow.get_current_active_span()
         try:
@@ -1343,12 +1347,31 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import mlflow.langchain
-            from mlflow.tracing import configure
 
-            from atlas.tracing.redact import make_processor
-            from atlas.tracing.tree import cost_processor
-
-            configure(span_processors=[make_processor(), cost_processor()])
             mlflow.langchain.autolog(log_traces=True, silent=True)
         _autologged = True
+    ensure_processors()
     return experiment_id
+
+
+_processors: list[Any] = []
+
+
+def ensure_processors() -> None:
+    """ATLAS's span processors (secret redaction, then model cost) in MLflow's tracing config,
+    after any of the caller's own. Checked at every run's start, not only once: MLflow's config
+    is process-global, and `reset_config` or a `with mlflow.tracing.configure(...)` block
+    elsewhere in the process drops or restores it (a test run once lost the cost attribute so)."""
+    from mlflow.tracing import configure
+    from mlflow.tracing.config import get_config
+
+    if not _processors:
+        from atlas.tracing.redact import make_processor
+        from atlas.tracing.tree import cost_processor
+
+        _processors.extend([make_processor(), cost_processor()])
+    current = list(get_config().span_processors or [])
+    if all(any(p is q for q in current) for p in _processors):
+        return
+    others = [p for p in current if not any(p is q for q in _processors)]
+    configure(span_processors=[*others, *_processors])
