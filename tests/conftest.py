@@ -71,28 +71,35 @@ def state_dir(tmp_path: Path) -> Path:
     return path
 
 
+def quickstart_spec(where: Path, **overrides: Any) -> Any:
+    """A TaskSpec over the quickstart's documents and data, its output under `where`, tracing
+    off unless asked; a dict override is merged into the default section."""
+    from atlas.spec import TaskSpec
+
+    data: dict[str, Any] = {
+        "task": "Write a short brief on the bike-share pilot.",
+        "acceptance": ["States the total number of trips.", "Cites the notes."],
+        "inputs": {
+            "documents": [str(EXAMPLES / "quickstart" / "docs" / "*.md")],
+            "data": [str(EXAMPLES / "quickstart" / "data" / "*.csv")],
+        },
+        "output": str(where / "out" / "brief.md"),
+        "tracing": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return TaskSpec.from_dict(data, base_dir=where)
+
+
 @pytest.fixture
 def make_spec(tmp_path: Path) -> Callable[..., Any]:
     """A TaskSpec over the quickstart's documents and data, tracing off unless asked."""
-    from atlas.spec import TaskSpec
 
-    def make(**overrides: Any) -> TaskSpec:
-        data: dict[str, Any] = {
-            "task": "Write a short brief on the bike-share pilot.",
-            "acceptance": ["States the total number of trips.", "Cites the notes."],
-            "inputs": {
-                "documents": [str(EXAMPLES / "quickstart" / "docs" / "*.md")],
-                "data": [str(EXAMPLES / "quickstart" / "data" / "*.csv")],
-            },
-            "output": str(tmp_path / "out" / "brief.md"),
-            "tracing": {"enabled": False},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return TaskSpec.from_dict(data, base_dir=tmp_path)
+    def make(**overrides: Any) -> Any:
+        return quickstart_spec(tmp_path, **overrides)
 
     return make
 

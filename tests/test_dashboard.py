@@ -26,23 +26,13 @@ def _replanning(make_spec: Callable[..., Any], **overrides: Any) -> Any:
 @pytest.fixture(scope="module")
 def replanned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     """One replanning dry run (iteration 1 fails, 2 passes), shared by the checks below."""
-    from atlas.spec import TaskSpec
-    from tests.conftest import EXAMPLES
+    from tests.conftest import quickstart_spec
 
     tmp = tmp_path_factory.mktemp("replanned")
-    spec = TaskSpec.from_dict(
-        {
-            "task": "Write a short brief on the bike-share pilot.",
-            "acceptance": ["States the total number of trips.", "Cites the notes."],
-            "inputs": {
-                "documents": [str(EXAMPLES / "quickstart" / "docs" / "*.md")],
-                "data": [str(EXAMPLES / "quickstart" / "data" / "*.csv")],
-            },
-            "output": str(tmp / "out" / "brief.md"),
-            "budget": {"max_iterations": 2},
-            "tracing": {"enabled": True, "experiment": "atlas-dashboard"},
-        },
-        base_dir=tmp,
+    spec = quickstart_spec(
+        tmp,
+        budget={"max_iterations": 2},
+        tracing={"enabled": True, "experiment": "atlas-dashboard"},
     )
     result = atlas.run(spec, model="scripted?fail_iterations=1", state_dir_path=tmp / "state")
     assert result.status == "passed" and result.iterations == 2, result

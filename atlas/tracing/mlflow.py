@@ -1089,12 +1089,10 @@ def _open_run(client: Any, experiment_id: str, ctx: RunContext, *, resumed: bool
 def version_name(spec: TaskSpec, ctx: RunContext) -> tuple[str, str]:
     """(the LoggedModel's name, the configuration's hash): the task's `version:` label (or
     `ATLAS_VERSION`) when set, else `atlas-<hash>`."""
-    from atlas import spec as spec_module
+    from atlas.spec import agent_version_label
 
     digest = agent_version(spec, ctx)
-    labelled = getattr(spec_module, "agent_version_label", None)
-    label = labelled(spec) if labelled is not None else None
-    return (label or f"atlas-{digest}"), digest
+    return (agent_version_label(spec) or f"atlas-{digest}"), digest
 
 
 def _personas_as_prompts(client: Any, ctx: RunContext, model_id: str | None) -> list[Any]:
