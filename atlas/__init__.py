@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApprovalEvent",
+    "ApprovalNeededEvent",
     "AtlasError",
     "BudgetExhausted",
     "BudgetStopEvent",
@@ -37,12 +39,14 @@ __all__ = [
     "VerdictEvent",
     "WarningEvent",
     "__version__",
+    "approve",
     "arun",
     "astream",
     "build_graph",
     "build_team",
     "iter_events",
     "load_task",
+    "pending_approvals",
     "register_tool",
     "resume",
     "run",
@@ -53,6 +57,10 @@ __all__ = [
 # Heavy modules (LangGraph, LangChain, MLflow) load on first use, so `import atlas` and
 # `python -m atlas --help` stay fast and have no side effects.
 _LAZY = {
+    "ApprovalEvent": "atlas.events",
+    "ApprovalNeededEvent": "atlas.events",
+    "approve": "atlas.approvals",
+    "pending_approvals": "atlas.approvals",
     "AtlasError": "atlas.errors",
     "BudgetExhausted": "atlas.errors",
     "SpecError": "atlas.errors",
@@ -92,9 +100,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from atlas.approvals import approve
+    from atlas.approvals import pending as pending_approvals
     from atlas.context import RunContext
     from atlas.errors import AtlasError, BudgetExhausted, SpecError
     from atlas.events import (
+        ApprovalEvent,
+        ApprovalNeededEvent,
         BudgetStopEvent,
         DispatchEvent,
         EndEvent,

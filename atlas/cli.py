@@ -16,6 +16,8 @@ import sys
 from typing import Any
 
 EXIT_PASSED, EXIT_NOT_PASSED, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_AWAITING_APPROVAL = 4
+"""The run paused: a plan or a tool call waits for a person (`atlas approve RUN_ID`)."""
 EXIT_TERMINATED = 143
 
 
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: local sqlite)"
     )
     run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument(
+        "--approve-all",
+        action="store_true",
+        help="approve every plan and tool call the task's approval: asks about (for CI)",
+    )
     state(run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
@@ -58,7 +65,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     resume.add_argument("--quiet", action="store_true", help="no live progress")
+    resume.add_argument(
+        "--approve-all", action="store_true", help="approve everything approval: asks about"
+    )
     state(resume)
+
+    approvals = sub.add_parser("approvals", help="list what paused runs wait for")
+    approvals.add_argument("run_id", metavar="RUN_ID", nargs="?", help="one run (default: all)")
+    approvals.add_argument("--json", action="store_true", help="print one JSON document")
+    state(approvals)
+
+    approve = sub.add_parser(
+        "approve", help="decide what a paused run waits for (all of it, or --id), and resume it"
+    )
+    approve.add_argument("run_id", metavar="RUN_ID", help="a run id, or a unique prefix of one")
+    approve.add_argument(
+        "--id", action="append", dest="ids", metavar="ID", help="decide this item only (repeatable)"
+    )
+    approve.add_argument(
+        "--edit", metavar="FILE", help="YAML/JSON: a tool call's new arguments, or a plan's steps"
+    )
+    approve.add_argument("--reject", action="store_true", help="reject instead of approving")
+    approve.add_argument("--reason", metavar="TEXT", help="why (required with --reject)")
+    approve.add_argument("--by", metavar="NAME", help="who decides (default: $ATLAS_USER, login)")
+    approve.add_argument(
+        "--model", metavar="SPEC", help="as for resume (needed when --model held a secret)"
+    )
+    approve.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    approve.add_argument("--quiet", action="store_true", help="no live progress")
+    state(approve)
 
     trace = sub.add_parser(
         "trace", help="a run's story from its MLflow trace: plans, waves, handoffs, verdicts"
@@ -243,6 +278,7 @@ def _run(spec: Any, args: argparse.Namespace, on_event: Any) -> Any:
         on_event=on_event,
         tracking_uri=args.tracking_uri,
         task_file=os.path.abspath(args.file),
+        approve_all=args.approve_all,
     )
 
 
@@ -262,9 +298,101 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _execute(
         args,
         lambda on_event: resume(
-            record.run_id, state_dir_path=args.state_dir, on_event=on_event, model=args.model
+            record.run_id,
+            state_dir_path=args.state_dir,
+            on_event=on_event,
+            model=args.model,
+            approve_all=args.approve_all,
         ),
     )
+
+
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    from atlas.approvals import pending
+    from atlas.runs import RunStore, matched_prefix, state_dir
+
+    store = RunStore(state_dir(args.state_dir))
+    if args.run_id:
+        record = store.resolve(args.run_id)
+        note = matched_prefix(args.run_id, record)
+        if note:
+            print(f"atlas: {note}", file=sys.stderr)
+        records = [record]
+    else:
+        records = [r for r in store.list(limit=1000) if r.status == "awaiting_approval"]
+    found = [(r, p) for r in records for p in pending(r.run_id, state_dir_path=args.state_dir)]
+    if args.json:
+        print(json.dumps([{"run_id": r.run_id, **p.as_dict()} for r, p in found], default=str))
+        return 0
+    if not found:
+        print("nothing is waiting for approval")
+        return 0
+    for record, item in found:
+        print(_clean_line(f"{record.run_id}  {item.id}  {item.describe()}"))
+    runs = sorted({r.run_id for r, _ in found})
+    print(f"decide with: python -m atlas approve {runs[0]} [--id ID] [--reject --reason TEXT]")
+    return 0
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    from atlas.approvals import approve
+    from atlas.runs import RunStore, matched_prefix, state_dir
+
+    if args.model:
+        from atlas.models import check_override
+
+        check_override(args.model)
+    record = RunStore(state_dir(args.state_dir)).resolve(args.run_id)
+    note = matched_prefix(args.run_id, record)
+    if note:
+        print(f"atlas: {note}", file=sys.stderr)
+    _check_decision(record.run_id, args)
+    return _execute(
+        args,
+        lambda on_event: approve(
+            record.run_id,
+            ids=args.ids,
+            reject=args.reject,
+            reason=args.reason,
+            edit=args.edit,
+            by=args.by,
+            state_dir_path=args.state_dir,
+            on_event=on_event,
+            model=args.model,
+        ),
+    )
+
+
+def _check_decision(run_id: str, args: argparse.Namespace) -> None:
+    """Everything about the decision that can be checked is checked before the run resumes."""
+    from atlas.approvals import pending, read_edit, resume_command
+
+    waiting = pending(run_id, state_dir_path=args.state_dir)
+    if not waiting:
+        from atlas.errors import SpecError
+
+        raise SpecError(f"run {run_id} is not waiting for approval", field="run_id")
+    edit = None
+    if args.edit:
+        chosen = [p for p in waiting if not args.ids or p.id in args.ids]
+        if len(chosen) == 1:
+            edit = read_edit(args.edit, chosen[0])
+        else:
+            edit = {}
+    resume_command(
+        waiting,
+        ids=args.ids,
+        action="reject" if args.reject else "approve",
+        reason=args.reason,
+        edit=edit,
+        by=args.by,
+    )
+
+
+def _clean_line(text: str) -> str:
+    from atlas.tracing.redact import scrub_text, secret_values
+
+    return scrub_text(text, secret_values())
 
 
 class Terminated(KeyboardInterrupt):
@@ -341,7 +469,44 @@ def _execute(args: argparse.Namespace, start: Any) -> int:
         print(result.to_json())
     else:
         progress.summary(result)
+    if result.status == "awaiting_approval":
+        return _paused(args, result)
     return EXIT_PASSED if result.passed else EXIT_NOT_PASSED
+
+
+def _paused(args: argparse.Namespace, result: Any) -> int:
+    """A run waiting for approval: on a terminal, ask now and go on; otherwise exit paused
+    (never block a script or CI waiting for input)."""
+    from atlas.approvals import Pending
+
+    waiting = [
+        Pending(str(p.get("interrupt_id")), {k: v for k, v in p.items() if k != "interrupt_id"})
+        for p in result.pending
+    ]
+    interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive and waiting:
+        from atlas.approvals import approve_decided, ask_decisions
+
+        decided = ask_decisions(waiting)
+        if decided:
+            return _execute(
+                args,
+                lambda on_event: approve_decided(
+                    result.run_id,
+                    waiting,
+                    decided,
+                    state_dir_path=args.state_dir,
+                    on_event=on_event,
+                    model=getattr(args, "model", None),
+                ),
+            )
+    print(
+        f"atlas: paused, waiting for approval of {len(waiting)} item(s); see them with "
+        f"`python -m atlas approvals {result.run_id}`, decide with "
+        f"`python -m atlas approve {result.run_id}`",
+        file=sys.stderr,
+    )
+    return EXIT_AWAITING_APPROVAL
 
 
 def _quiet_alert_log() -> None:
@@ -442,6 +607,8 @@ def _cmd_tools(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
+    "approvals": _cmd_approvals,
+    "approve": _cmd_approve,
     "runs": _cmd_runs,
     "trace": _cmd_trace,
     "validate": _cmd_validate,

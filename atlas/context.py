@@ -294,6 +294,11 @@ class RunContext:
     """The final state, set by the `finalize` node."""
     request: dict[str, Any] | None = None
     """The embedded graph's input this run was made from (None for `atlas.run`)."""
+    approve_all: bool = False
+    """Approve every plan and tool call that `approval:` would ask a person about (`--approve-all`,
+    for CI): recorded as decided by `--approve-all`, never paused."""
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    """What the run waits on when it paused for approval (`atlas.approvals.Pending.as_dict`)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_tool_call(self, failed: bool) -> None:

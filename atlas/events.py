@@ -38,8 +38,14 @@ In the order a run sends them:
 - `finalize` (FinalizeEvent): the run's outcome is decided and its output written. `status`
   (passed, failed, budget_exhausted), `output` (its path, or None when nothing was produced),
   `stop_reason`, `tokens`.
+- `approval_needed` (ApprovalNeededEvent): the run pauses (status `awaiting_approval`), one
+  event per item waiting for a person: `id`, `kind` (plan or tool), `interrupt_id`, and the
+  plan's `iteration` and `steps`, or the tool call's `tool`, `args`, `step`, `team`, `worker`.
+- `approval` (ApprovalEvent): a decision was applied: `id`, `kind`, `action` (approve, edit,
+  reject), `by`, `reason`, `waited_s`, `auto` (decided by `--approve-all`).
 - `end` (EndEvent): the last event of every run that started, also of one that raised: the
-  summary `RunResult.to_dict()` (`status` is also error or interrupted there).
+  summary `RunResult.to_dict()` (`status` is also awaiting_approval, error or interrupted
+  there).
 
 At any time:
 
@@ -252,13 +258,50 @@ class MemoryIngestEvent(_Timed):
     files: int
 
 
+class ApprovalNeededEvent(_Timed):
+    """A plan or a tool call waits for a person's decision (`atlas approve`)."""
+
+    type: Literal["approval_needed"]
+    event: Literal["approval_needed"]
+    id: str
+    kind: Literal["plan", "tool"]
+    interrupt_id: str
+    asked_at: float | None
+    iteration: NotRequired[int]
+    steps: NotRequired[list[PlanStep]]
+    tool: NotRequired[str]
+    args: NotRequired[dict[str, Any]]
+    step: NotRequired[str]
+    team: NotRequired[str]
+    worker: NotRequired[str]
+
+
+class ApprovalEvent(_Timed):
+    """A person's (or `--approve-all`'s) decision on a plan or a tool call, applied."""
+
+    type: Literal["approval"]
+    event: Literal["approval"]
+    id: str
+    kind: Literal["plan", "tool"]
+    action: Literal["approve", "edit", "reject"]
+    by: str
+    at: float
+    reason: str | None
+    waited_s: float | None
+    auto: bool
+    tool: NotRequired[str]
+    step: NotRequired[str]
+
+
 class EndEvent(_Timed):
     """The run's summary: the fields of `RunResult`."""
 
     type: Literal["end"]
     event: Literal["end"]
     run_id: str
-    status: Literal["passed", "failed", "budget_exhausted", "error", "interrupted"]
+    status: Literal[
+        "passed", "failed", "budget_exhausted", "awaiting_approval", "error", "interrupted"
+    ]
     output: str | None
     iterations: int
     tokens: int
@@ -281,6 +324,10 @@ class EndEvent(_Timed):
     lost_calls: int
     tool_calls: int
     tool_errors: int
+    pending: list[dict[str, Any]]
+    """What waits for a person when `status` is awaiting_approval (as `approval_needed`)."""
+    approvals: int
+    approval_wait_s: float | None
     alerts: list[dict[str, Any]]
     """Thresholds of the task's `alerts:` the run breached (`name`, `value`, `limit`,
     `message`); see `atlas.alerts`."""
@@ -309,6 +356,8 @@ Event: TypeAlias = (
     | WarningEvent
     | MemoryErrorEvent
     | MemoryIngestEvent
+    | ApprovalNeededEvent
+    | ApprovalEvent
     | EndEvent
     | ErrorEvent
 )

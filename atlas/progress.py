@@ -102,6 +102,20 @@ class Progress:
             line = f"finalize: {event['status']} -> {where}"
         elif kind == "memory_ingest":
             line = f"memory: ingesting {event['done']}/{event['total']} chunks"
+        elif kind == "approval_needed":
+            from atlas.approvals import Pending
+
+            item = {k: v for k, v in event.items() if k not in ("type", "event", "ts")}
+            waiting = Pending(str(event.get("interrupt_id")), item)
+            line = f"awaiting approval [{waiting.id}]: {waiting.describe()}"
+            if self.live is not None:
+                self.live.console.print(_clean(line), markup=False)
+        elif kind == "approval":
+            what = event.get("tool") or event.get("kind")
+            reason = f" ({event['reason']})" if event.get("reason") else ""
+            line = f"approval [{event['id']}]: {what} {event['action']} by {event['by']}{reason}"
+            if self.live is not None:
+                self.live.console.print(_clean(line), markup=False)
         elif kind == "warning":
             line = f"warning: {event.get('message')}"
         if line:
@@ -174,6 +188,20 @@ class Progress:
         ]
         if result.score is not None:
             rows.insert(1, ("judge score", f"{result.score:.2f}"))
+        if getattr(result, "approvals", 0):
+            waited = result.approval_wait_s
+            rows.insert(
+                -1,
+                (
+                    "approvals",
+                    f"{result.approvals} decided"
+                    + (
+                        f", {waited:.1f} s waiting (not counted as run time)"
+                        if waited and waited >= 0.1
+                        else ""
+                    ),
+                ),
+            )
         if result.trace_id:
             rows.append(("trace", f"{result.trace_id} in {result.tracking_uri}"))
             rows.append(("view", "python -m atlas ui"))

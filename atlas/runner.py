@@ -69,9 +69,15 @@ def run(
     on_event: EventHandler | None = None,
     tracking_uri: str | None = None,
     task_file: str | None = None,
+    approve_all: bool = False,
     _resume: bool = False,
+    _command: Any = None,
 ) -> RunResult:
     """Run a task to the end (passed, failed, or a budget stop) and return its summary.
+
+    A run whose task asks for approval (`approval:`) stops when a plan or a tool call waits for
+    a person: its status is `awaiting_approval`, `result.pending` lists what waits, and
+    `atlas.approvals.approve()` decides and goes on. `approve_all` approves everything instead.
 
     One process at a time runs a given run: a second `run`/`resume` of the same run id while
     it runs raises `RunLocked` and does nothing.
@@ -94,7 +100,8 @@ def run(
             task_file=task_file,
             begun=begun,
         )
-        return _execute(session, on_event)
+        session.ctx.approve_all = approve_all
+        return _execute(session, on_event, _command)
 
 
 def _config(ctx: RunContext) -> RunnableConfig:
@@ -108,7 +115,7 @@ def _config(ctx: RunContext) -> RunnableConfig:
     }
 
 
-def _execute(session: Session, on_event: EventHandler | None) -> RunResult:
+def _execute(session: Session, on_event: EventHandler | None, command: Any = None) -> RunResult:
     ctx, directory, resumed = session.ctx, session.directory, session.resumed
     values: dict[str, Any] = {}
     config = _config(ctx)
@@ -127,9 +134,14 @@ def _execute(session: Session, on_event: EventHandler | None) -> RunResult:
                 values = dict(snapshot.values)
             else:
                 graph_input = None if resumed and snapshot.values else {"task": ctx.spec.task}
+                if command is not None and snapshot.interrupts:
+                    graph_input = command
                 stream = graph.stream(graph_input, config, context=ctx, **_STREAM)
                 for part in stream:
                     values = _consume(part, emit, values)
+            if values.pop("__interrupt__", None) is not None:
+                snapshot = graph.get_state(config)
+                values = _paused(ctx, dict(snapshot.values), snapshot, emit)
             status = values.get("status") or "failed"
             session.trace.finish(ctx, values)
     except KeyboardInterrupt:
@@ -147,6 +159,17 @@ def _execute(session: Session, on_event: EventHandler | None) -> RunResult:
         emit(end_event(result))
         _LAST_RESULT[0] = result
     return result
+
+
+def _paused(ctx: RunContext, values: dict[str, Any], snapshot: Any, emit: Any) -> dict[str, Any]:
+    """The run waits for approval: what waits goes to the caller, one event per item."""
+    from atlas.approvals import pending_in
+
+    waiting = pending_in(snapshot)
+    ctx.pending = [p.as_dict() for p in waiting]
+    for item in waiting:
+        emit(item.event())
+    return {**values, "status": "awaiting_approval", "pending": ctx.pending}
 
 
 _ACTIVE: dict[int, RunContext] = {}
@@ -240,8 +263,12 @@ def resume(
     state_dir_path: str | os.PathLike[str] | None = None,
     on_event: EventHandler | None = None,
     model: str | None = None,
+    approve_all: bool = False,
+    _command: Any = None,
 ) -> RunResult:
-    """Continue an interrupted run from its last checkpoint. Finished steps are not redone."""
+    """Continue an interrupted run from its last checkpoint. Finished steps are not redone.
+
+    A run awaiting approval asks again (see `atlas.approvals.approve` to decide)."""
     directory = state_dir(state_dir_path)
     record = RunStore(directory).get(run_id)
     if model is None and record.model and REDACTED in record.model:
@@ -264,7 +291,9 @@ def resume(
         on_event=on_event,
         tracking_uri=uri,
         task_file=record.task_file,
+        approve_all=approve_all,
         _resume=True,
+        _command=_command,
     )
 
 
@@ -327,6 +356,9 @@ async def _aexecute(session: Session, on_event: EventHandler | None) -> RunResul
                     {"task": ctx.spec.task}, config, context=ctx, **_STREAM
                 ):
                     values = _consume(part, emit, values)
+                if values.pop("__interrupt__", None) is not None:
+                    snapshot = await graph.aget_state(config)
+                    values = _paused(ctx, dict(snapshot.values), snapshot, emit)
                 status = values.get("status") or "failed"
                 await asyncio.to_thread(session.trace.finish, ctx, values)
             except BaseException as exc:

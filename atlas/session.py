@@ -35,7 +35,7 @@ class RunResult:
 
     run_id: str
     status: str
-    """passed, failed, budget_exhausted, error or interrupted."""
+    """passed, failed, budget_exhausted, awaiting_approval, error or interrupted."""
     output: str | None
     """Path of the output file."""
     iterations: int
@@ -68,6 +68,14 @@ class RunResult:
     tool_errors: int = 0
     """Of those, calls that failed: raised, timed out, or answered `error: ...`. Each went back
     to the model as the tool's answer."""
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    """When `status` is `awaiting_approval`: what waits for a person (`id`, `kind`, the plan's
+    steps or the tool and its arguments, `interrupt_id`); `atlas approve` decides."""
+    approvals: int = 0
+    """Approval decisions made in this run so far (each is on the trace as HUMAN feedback)."""
+    approval_wait_s: float | None = None
+    """Seconds plans and tool calls waited for their decisions; not counted against
+    `timeout_s`."""
     alerts: list[dict[str, Any]] = field(default_factory=list)
     """Thresholds of the task's `alerts:` that the run breached (`name`, `value`, `limit`,
     `message` each); the status is unchanged by them."""
@@ -171,6 +179,8 @@ def summarize(
     verdict = values.get("verdict") or {}
     by_team = {k.removeprefix("team:"): totals(usage, k) for k in usage if k.startswith("team:")}
     by_model = {k.removeprefix("model:"): totals(usage, k) for k in usage if k.startswith("model:")}
+    decided = [a for a in values.get("approvals") or [] if isinstance(a, dict)]
+    waits = [float(a["waited_s"]) for a in decided if isinstance(a.get("waited_s"), int | float)]
     for counters in [*by_team.values(), *by_model.values()]:
         if counters.get("cost_unknown_calls"):
             counters.pop("cost_usd", None)
@@ -195,6 +205,9 @@ def summarize(
         resumed=resumed,
         tool_calls=ctx.tool_calls,
         tool_errors=ctx.tool_errors,
+        pending=list(ctx.pending),
+        approvals=len(decided),
+        approval_wait_s=round(sum(waits), 3) if waits else None,
     )
 
 
@@ -322,7 +335,7 @@ class Session:
         ctx = self.ctx
         wall = time.perf_counter() - self.started
         salvaged = None
-        if status in ("error", "interrupted"):
+        if status in ("error", "interrupted", "awaiting_approval"):
             with contextlib.suppress(Exception):
                 salvaged = salvage_output(ctx, values)
         result = summarize(ctx, values, wall, self.trace, self.resumed)
@@ -334,7 +347,7 @@ class Session:
             result.output = salvaged
         if error is not None:
             result.error = one_line(error)
-        if status != "error":
+        if status not in ("error", "awaiting_approval"):  # checked when the run has ended
             result.alerts = [a.as_dict() for a in check_alerts(ctx.spec.alerts, result)]
             for alert in result.alerts:
                 log.warning("alert %s: %s", alert["name"], alert["message"])

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -329,6 +329,49 @@ class Alerts(_Strict):
     )
 
 
+ApprovalMode = Literal["always", "never"]
+
+
+class Approval(_Strict):
+    """What a person approves before the run goes on. A pause ends the process with status
+    `awaiting_approval`; `atlas approve RUN_ID` decides and resumes.
+
+    Tools are matched by name (`send_email`) or glob (`mcp.crm.*`); MCP tools are named
+    `mcp.<server>.<tool>`. A tool that declares side effects (`@atlas.tool(side_effects=True)`,
+    or MCP's `destructiveHint: true`) is `always` unless listed here as `never`."""
+
+    plan: bool = Field(False, description="Approve each plan before its steps run")
+    tools: dict[str, ApprovalMode] = Field(
+        default_factory=dict,
+        description="Per tool name or glob: always (ask before each call) or never",
+    )
+
+    @field_validator("tools")
+    @classmethod
+    def _patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern in value:
+            if not pattern.strip() or len(pattern) > 200:
+                raise ValueError(f"tool pattern {pattern!r} must be 1-200 characters")
+        return value
+
+    def mode_for(self, names: Sequence[str], declared_side_effects: bool) -> ApprovalMode:
+        """`always` or `never` for a tool known by `names` (its exposed and qualified names):
+        an exact name wins over a glob, a longer glob over a shorter one."""
+        import fnmatch
+
+        for name in names:
+            if name in self.tools:
+                return self.tools[name]
+        matches = [
+            (len(pattern), mode)
+            for pattern, mode in self.tools.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names)
+        ]
+        if matches:
+            return max(matches)[1]
+        return "always" if declared_side_effects else "never"
+
+
 VERSION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Agent version labels name MLflow LoggedModels, whose names refuse `/ : . % " '`: 1-64
 letters, digits, dashes and underscores."""
@@ -461,6 +504,7 @@ class TaskSpec(_Strict):
     memory: Memory = Field(default_factory=Memory)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     alerts: Alerts = Field(default_factory=Alerts)
+    approval: Approval = Field(default_factory=Approval)
     version: str | None = Field(
         None,
         pattern=VERSION_PATTERN,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from langgraph.types import Command, Send
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted
+from atlas.graph.approval import PLAN_REVIEW, plan_review_body
 from atlas.graph.effects import Body, Io, node
 from atlas.graph.events import emit
 from atlas.graph.io import AtlasContext, AtlasInput, AtlasOutput
@@ -127,6 +129,9 @@ def start_body(state: dict[str, Any], ctx: RunContext) -> Body:
             status=None,
             output_path=None,
             output="",
+            approvals=RESET,
+            plan_feedback=None,
+            asked_at=None,
         )
     return update
     yield
@@ -162,6 +167,16 @@ def route_judge(state: dict[str, Any], ctx: RunContext) -> str:
     if int(state.get("iteration", 1)) >= ctx.spec.budget.max_iterations:
         return "finalize"
     return "plan"
+
+
+def routed_plan(state: dict[str, Any], ctx: RunContext) -> Body:
+    """The planner, routed from inside the node: to `plan_review` when plans need a person's
+    approval, else straight to `dispatch`."""
+    update = yield from plan_body(state, ctx)
+    review = ctx.spec.approval.plan and update.get("plan") and not update.get("stop_reason")
+    if not review:
+        return Command(update=update, goto="dispatch")
+    return Command(update={**update, "asked_at": time.time()}, goto=PLAN_REVIEW)
 
 
 def routed_judge(state: dict[str, Any], ctx: RunContext) -> Body:
@@ -282,7 +297,10 @@ def build_run_graph(
     )
     graph: StateGraph[Any, Any, Any, Any] = StateGraph(RunState, **schemas)
     graph.add_node("start", node("start", start_body))
-    graph.add_node("plan", node("plan", plan_body))
+    graph.add_node("plan", node("plan", routed_plan), destinations=(PLAN_REVIEW, "dispatch"))
+    graph.add_node(
+        PLAN_REVIEW, node(PLAN_REVIEW, plan_review_body), destinations=("plan", "dispatch")
+    )
     graph.add_node(
         "dispatch",
         node("dispatch", dispatch_body),
@@ -296,6 +314,5 @@ def build_run_graph(
     graph.add_node("finalize", node("finalize", finalize_body))
     graph.add_edge(START, "start")
     graph.add_edge("start", "plan")
-    graph.add_edge("plan", "dispatch")
     graph.add_edge("finalize", END)
     return graph

@@ -154,6 +154,10 @@ def planner_messages(
         lines.append("Results so far:")
         for sid, result in (state.get("results") or {}).items():
             lines.append(f"- [{sid}] {result.get('team')}: {_clip(result.get('output', ''), 300)}")
+    rejected = state.get("plan_feedback")
+    if rejected:
+        lines.append(f"\nA reviewer rejected your last plan for this iteration: {rejected}")
+        lines.append("Plan again, taking that into account.")
     budget_left = spec.budget.max_steps - len(state.get("results") or {})
     lines.append(f"\nUse at most {max(1, min(budget_left, 12))} steps.")
     return [SystemMessage(PLANNER_PROMPT), HumanMessage("\n".join(lines))]
@@ -221,7 +225,37 @@ def plan_body(state: dict[str, Any], ctx: RunContext) -> Body:
             "plans": [record],
             "usage": usage,
             "plan_cut": cut,
+            "plan_feedback": None,
         }
+
+
+def edited_plan(
+    raw: list[Any], state: dict[str, Any], ctx: RunContext
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """A plan a person edited, made executable as a planner's plan is (unknown teams dropped,
+    dependencies only on earlier steps, the budget's cut), with the iteration's id prefix.
+    Ids may be given with or without it (`research` or `1.research`)."""
+    spec = ctx.spec
+    iteration = int(state.get("iteration") or 1)
+    prefix = f"{iteration}."
+    items = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        item = dict(item)
+        item["id"] = str(item.get("id") or "").removeprefix(prefix)
+        item["depends_on"] = [str(d).removeprefix(prefix) for d in item.get("depends_on") or []]
+        items.append(item)
+    if not items:
+        return [], ["the edited plan has no steps"]
+    steps_left = spec.budget.max_steps - len(state.get("results") or {})
+    steps, notes = repair_plan(items, list(spec.teams), spec.task.strip(), steps_left)
+    if any("default plan" in n for n in notes):
+        return [], ["the edited plan has no step for a team of this task"]
+    for step in steps:
+        step["id"] = f"{prefix}{step['id']}"
+        step["depends_on"] = [f"{prefix}{d}" for d in step["depends_on"]]
+    return steps, notes
 
 
 def _salvage(result: CallResult) -> list[dict[str, Any]]:

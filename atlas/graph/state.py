@@ -140,6 +140,12 @@ class RunState(TypedDict, total=False):
     cost_usd: float | None
     model_calls: int
     trace_id: str | None
+    approvals: Annotated[list[dict[str, Any]], append]
+    """Every approval decision of the run (`atlas.graph.approval.audit`), in order."""
+    plan_feedback: str | None
+    """Why a person rejected the last plan: the planner reads it when it plans again."""
+    asked_at: float | None
+    """When the plan now waiting for approval was made (the wait is measured from it)."""
 
 
 class TeamInput(TypedDict):
@@ -156,6 +162,7 @@ class TeamOutput(TypedDict, total=False):
     results: dict[str, StepResult]
     usage: Usage
     stop_reason: str | None
+    approvals: list[dict[str, Any]]
 
 
 class TeamState(TeamInput, total=False):
@@ -171,3 +178,7 @@ class TeamState(TeamInput, total=False):
     results: Annotated[dict[str, StepResult], merge_dicts]
     usage: Annotated[Usage, add_usage]
     stop_reason: Annotated[str | None, first_set]
+    approvals: Annotated[list[dict[str, Any]], append]
+    wip: dict[str, Any] | None
+    """A worker's turn paused for approval: its conversation, counters, the tool calls it wants
+    (`pending`), those that wait for a person (`held`), and, once decided, `decisions`."""

@@ -12,6 +12,7 @@ from `agents/*.yaml`, never from text it read. Repeating the same tool call is r
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
@@ -22,6 +23,7 @@ from pydantic import Field, create_model
 
 from atlas.context import RunContext
 from atlas.errors import BudgetExhausted, ToolError
+from atlas.graph.approval import TOOL_REVIEW, item_id, needs_approval, tool_names, tool_review_body
 from atlas.graph.effects import Body, CallResult, Io, ModelCall, ToolRun, node
 from atlas.graph.events import emit
 from atlas.graph.limits import Limits, clip, limits_for
@@ -232,6 +234,17 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
         seen_calls: set[str] = set()
         note = ""
         report = ""
+        wip = state.get("wip") if (state.get("wip") or {}).get("worker") == worker.name else None
+        # A turn that paused for approval goes on from where it stopped: its conversation and
+        # the tool calls it wanted, with the decisions. Its model calls are not made again.
+        batch: list[dict[str, Any]] | None = None
+        decisions: dict[str, dict[str, Any]] = {}
+        if wip is not None:
+            messages = list(wip["messages"])
+            calls_made = int(wip["calls_made"])
+            seen_calls = set(wip["seen"])
+            batch = list(wip["pending"])
+            decisions = dict(wip.get("decisions") or {})
         with ctx.tracer.span(
             f"worker:{worker.name}",
             span_type="AGENT",
@@ -244,16 +257,35 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                 "atlas.tools": worker.tools,
             },
         ) as span:
-            recalled = yield Io(
-                recall,
-                (ctx, state.get("assignment") or step["instruction"]),
-                {"name": f"memory.recall:{worker.name}"},
-            )
-            if recalled:
-                memory_lines = ["From memory (earlier runs; cite the id in brackets):"]
-                memory_lines += [clip(line, limits.recalled) for line in recalled]
-                messages[1] = HumanMessage(f"{messages[1].content}\n\n" + "\n".join(memory_lines))
+            if wip is None:
+                recalled = yield Io(
+                    recall,
+                    (ctx, state.get("assignment") or step["instruction"]),
+                    {"name": f"memory.recall:{worker.name}"},
+                )
+                if recalled:
+                    memory_lines = ["From memory (earlier runs; cite the id in brackets):"]
+                    memory_lines += [clip(line, limits.recalled) for line in recalled]
+                    head = f"{messages[1].content}\n\n" + "\n".join(memory_lines)
+                    messages[1] = HumanMessage(head)
             while True:
+                if batch is not None:
+                    counters: dict[str, Any] = {"made": calls_made, "note": note}
+                    yield from _run_calls(
+                        ctx,
+                        worker,
+                        batch,
+                        by_name,
+                        decisions,
+                        messages,
+                        limits,
+                        max_calls,
+                        seen_calls,
+                        counters,
+                    )
+                    calls_made, note = int(counters["made"]), str(counters["note"])
+                    batch, decisions = None, {}
+                    continue
                 allow_tools = bool(tools) and calls_made < max_calls and not note
                 try:
                     result: CallResult = yield ModelCall(
@@ -275,43 +307,27 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
                     break
                 usage = merge_usage(usage, result.usage)
                 message = result.message
-                wanted = [c for c in message.tool_calls if allow_tools]
+                wanted: list[dict[str, Any]] = [dict(c) for c in message.tool_calls if allow_tools]
                 if not wanted:
                     report = str(message.content or "").strip() or "(no answer)"
                     break
                 messages.append(message)
-                for call in wanted:
-                    key = json.dumps([call["name"], call.get("args")], sort_keys=True, default=str)
-                    tool = by_name.get(call["name"])
-                    if tool is None:
-                        output = (
-                            f"error: no tool named {call['name']!r}; yours: {', '.join(by_name)}"
-                        )
-                    elif key in seen_calls:
-                        output = (
-                            "error: you already made this exact call; answer with what you have"
-                        )
-                        note = "repeated tool call refused"
-                        ctx.tracer.event("loop_guard", {"worker": worker.name, "reason": note})
-                    elif calls_made >= max_calls:
-                        output = f"error: tool call limit ({max_calls}) reached; answer now"
-                    else:
-                        seen_calls.add(key)
-                        calls_made += 1
-                        try:
-                            output = yield ToolRun(tool, dict(call.get("args") or {}))
-                        except ToolError as exc:
-                            output = f"error: {exc}"
-                        except Exception as exc:
-                            output = f"error: {type(exc).__name__}: {exc}"
-                        ctx.count_tool_call(failed=str(output).startswith("error:"))
-                    messages.append(
-                        ToolMessage(
-                            content=clip(str(output), limits.tool_output),
-                            tool_call_id=call["id"],
-                            name=call["name"],
-                        )
-                    )
+                held = _held(ctx, state, worker, wanted, by_name, seen_calls, calls_made)
+                if held:
+                    # The calls wait for a person: this turn stops here, with everything it
+                    # needs to go on, and the team's approval node asks (an interrupt).
+                    span.set_attributes({"atlas.approval.waiting": len(held)})
+                    paused = {
+                        "worker": worker.name,
+                        "messages": messages,
+                        "calls_made": calls_made,
+                        "seen": sorted(seen_calls),
+                        "pending": wanted,
+                        "held": held,
+                        "asked_at": time.time(),
+                    }
+                    return Command(goto=TOOL_REVIEW, update={"wip": paused, "usage": usage})
+                batch = wanted
             span.set_outputs({"report": clip(report, 1000)})
             span.set_attributes({"atlas.tool_calls": calls_made})
         update: dict[str, Any] = {
@@ -332,9 +348,108 @@ def worker_body(team: TeamDef, worker: WorkerDef) -> Any:
             update["stop_reason"] = note
         if note:
             update["note"] = f"{worker.name}: {note}"
-        return update
+        if wip is not None:
+            update["wip"] = None
+        return Command(goto="supervisor" if len(team.workers) > 1 else "report", update=update)
 
     return body
+
+
+def _held(
+    ctx: RunContext,
+    state: dict[str, Any],
+    worker: WorkerDef,
+    wanted: list[dict[str, Any]],
+    by_name: dict[str, BaseTool],
+    seen: set[str],
+    calls_made: int,
+) -> list[dict[str, Any]]:
+    """The calls of `wanted` that wait for a person before they run (`approval.tools`, or a
+    tool that declares side effects), as approval items."""
+    held = []
+    step = state["step"]
+    for position, call in enumerate(wanted):
+        tool = by_name.get(call["name"])
+        if _call_key(call) in seen or not needs_approval(ctx, tool):
+            continue
+        assert tool is not None
+        held.append(
+            {
+                "id": item_id(
+                    ctx.run_id, step["id"], worker.name, calls_made, position, call["id"]
+                ),
+                "kind": "tool",
+                "call_id": call["id"],
+                "tool": tool_names(tool)[0],
+                "args": dict(call.get("args") or {}),
+                "step": step["id"],
+                "team": step["team"],
+                "worker": worker.name,
+                "instruction": clip(state.get("assignment") or step["instruction"], 300),
+                "asked_at": time.time(),
+            }
+        )
+    return held
+
+
+def _call_key(call: dict[str, Any]) -> str:
+    return json.dumps([call["name"], call.get("args")], sort_keys=True, default=str)
+
+
+def _run_calls(
+    ctx: RunContext,
+    worker: WorkerDef,
+    wanted: list[dict[str, Any]],
+    by_name: dict[str, BaseTool],
+    decisions: dict[str, dict[str, Any]],
+    messages: list[BaseMessage],
+    limits: Limits,
+    max_calls: int,
+    seen_calls: set[str],
+    counters: dict[str, Any],
+) -> Body:
+    """Run a model answer's tool calls in order, each answer appended to `messages`. A call a
+    person rejected goes back to the model as a refusal with the reason; an edited one runs
+    with the edited arguments."""
+    for call in wanted:
+        key = _call_key(call)
+        tool = by_name.get(call["name"])
+        decision = decisions.get(call["id"])
+        args = dict(call.get("args") or {})
+        if tool is None:
+            output = f"error: no tool named {call['name']!r}; yours: {', '.join(by_name)}"
+        elif decision is not None and decision["action"] == "reject":
+            seen_calls.add(key)  # the same call again is refused without asking again
+            reason = decision.get("reason") or "no reason given"
+            output = (
+                f"refused: {decision.get('by', 'a reviewer')} rejected this call ({reason}); "
+                "do not retry it: answer with what you have"
+            )
+        elif key in seen_calls:
+            output = "error: you already made this exact call; answer with what you have"
+            counters["note"] = "repeated tool call refused"
+            ctx.tracer.event("loop_guard", {"worker": worker.name, "reason": counters["note"]})
+        elif counters["made"] >= max_calls:
+            output = f"error: tool call limit ({max_calls}) reached; answer now"
+        else:
+            if decision is not None and decision["action"] == "edit":
+                args = dict(decision.get("args") or {})
+            seen_calls.add(key)
+            counters["made"] += 1
+            try:
+                output = yield ToolRun(tool, args)
+            except ToolError as exc:
+                output = f"error: {exc}"
+            except Exception as exc:
+                output = f"error: {type(exc).__name__}: {exc}"
+            ctx.count_tool_call(failed=str(output).startswith("error:"))
+        messages.append(
+            ToolMessage(
+                content=clip(str(output), limits.tool_output),
+                tool_call_id=call["id"],
+                name=call["name"],
+            )
+        )
 
 
 def report_body(team: TeamDef) -> Any:
@@ -409,20 +524,25 @@ def build_team(team: TeamDef) -> StateGraph[Any, Any, Any, Any]:
     )
     graph.add_node("report", node("report", report_body(team)))
     graph.add_edge("report", END)
+    names = [w.name for w in team.workers]
+    # Workers route themselves (a Command): back to the supervisor, or to the approval node
+    # when a tool call they want waits for a person, which hands the decisions back.
+    graph.add_node(TOOL_REVIEW, node(TOOL_REVIEW, tool_review_body), destinations=tuple(names))
+    after = "report" if len(team.workers) == 1 else "supervisor"
+    for worker in team.workers:
+        graph.add_node(
+            worker.name,
+            node(worker.name, worker_body(team, worker)),
+            destinations=(after, TOOL_REVIEW),
+        )
     if len(team.workers) == 1:
         # Nothing to route: the step goes to the one worker, and its answer is the report.
-        (worker,) = team.workers
-        graph.add_node(worker.name, node(worker.name, worker_body(team, worker)))
-        graph.add_edge(START, worker.name)
-        graph.add_edge(worker.name, "report")
+        graph.add_edge(START, names[0])
         return graph
     graph.add_node(
         "supervisor",
         node("supervisor", supervisor_body(team)),
-        destinations=(*[w.name for w in team.workers], "report"),
+        destinations=(*names, "report"),
     )
-    for worker in team.workers:
-        graph.add_node(worker.name, node(worker.name, worker_body(team, worker)))
-        graph.add_edge(worker.name, "supervisor")
     graph.add_edge(START, "supervisor")
     return graph

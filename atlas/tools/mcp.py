@@ -109,6 +109,9 @@ class McpToolInfo:
     input_schema: dict[str, Any]
     destructive: bool
     read_only: bool
+    declared_destructive: bool = False
+    """The server said destructiveHint: true (not just left it unset): what makes ATLAS ask
+    for approval before each call by default."""
 
 
 # -- schemas and results ---------------------------------------------------------------------
@@ -219,6 +222,7 @@ def _tool_info(server: str, tool: types.Tool) -> McpToolInfo:
         input_schema=_inline_refs(dict(tool.inputSchema)),
         destructive=destructive,
         read_only=read_only,
+        declared_destructive=bool(notes and notes.destructiveHint is True and not read_only),
     )
 
 
@@ -387,6 +391,7 @@ class McpHub:
                 "atlas.tool.kind": "mcp",
                 "atlas.mcp.destructive": info.destructive,
                 "atlas.mcp.read_only": info.read_only,
+                "atlas.tool.side_effects": info.declared_destructive,
             },
         )
 

@@ -677,6 +677,9 @@ class MlflowTrace:
         self.task_file: str | None = None
         """The task file the run was made from (what its expectations are credited to)."""
         self._started = time.perf_counter()
+        self._began_at = time.time()
+        self._approvals: list[dict[str, Any]] = []
+        """Approval decisions applied in this session: HUMAN assessments on its trace."""
         self.nested = False
         """Whether the root span is a child of the caller's span (the caller's trace)."""
 
@@ -887,6 +890,12 @@ class MlflowTrace:
         if verdict and not self._verdicts:
             self._verdicts = [verdict]
         self._status = values.get("status")
+        # Decisions carried over from an earlier session are on that session's trace already.
+        self._approvals = [
+            a
+            for a in values.get("approvals") or []
+            if isinstance(a, dict) and float(a.get("applied_at") or 0) >= self._began_at
+        ]
         root = self.tracer.root
         metrics: dict[str, float] = {
             "tokens": run["tokens"],
@@ -918,6 +927,7 @@ class MlflowTrace:
                         "status": values.get("status"),
                         "output": values.get("output_path"),
                         "stop_reason": values.get("stop_reason"),
+                        **({"pending": values["pending"]} if values.get("pending") else {}),
                     }
                 )
         plan_file = ctx.run_dir / "plan.json"
@@ -954,6 +964,8 @@ class MlflowTrace:
             log_criteria(trace_id, list(self.spec.acceptance), self.task_file)
         for alert in self._alerts:
             log_alert(trace_id, alert)
+        for decision in self._approvals:
+            log_approval(trace_id, decision)
 
     def _tag_trace(self, trace_id: str, status: str | None) -> None:
         import mlflow
@@ -971,7 +983,12 @@ class MlflowTrace:
         version's metrics (logged with `model_id` in `close`)."""
         from mlflow.entities import LoggedModelOutput
 
-        if self._model_id:
+        if not self._model_id:
+            return
+        # A run that paused for approval (or was resumed) closes once per session: link once.
+        outputs = getattr(client.get_run(run_id), "outputs", None)
+        linked = {o.model_id for o in getattr(outputs, "model_outputs", None) or []}
+        if self._model_id not in linked:
             client.log_outputs(run_id, [LoggedModelOutput(self._model_id, 0)])
 
     def close(self, status: str | None = None) -> None:
@@ -1036,7 +1053,8 @@ class MlflowTrace:
                     failed = f"{label}: {_exc_line(exc)}"
                     break
             try:
-                client.set_terminated(run_id, status=final)
+                if status != "awaiting_approval":  # a paused run goes on in a later session
+                    client.set_terminated(run_id, status=final)
             except Exception as exc:
                 failed = failed or f"the run's end: {_exc_line(exc)}"
         for _, line in found:
@@ -1228,6 +1246,43 @@ def log_criteria(trace_id: str, criteria: list[str], task_file: str | None) -> N
     source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=task_file or "task")
     mlflow.log_expectation(
         trace_id=trace_id, name="acceptance_criteria", value=criteria, source=source
+    )
+
+
+def log_approval(trace_id: str, decision: dict[str, Any]) -> None:
+    """An approval decision as feedback from the person who made it (HUMAN source; CODE for
+    `--approve-all`): `approval.plan` or `approval.tool.<tool>`, True unless rejected, with
+    who, when, what was decided and how long it waited in its metadata."""
+    import mlflow
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+    kind = AssessmentSourceType.CODE if decision.get("auto") else AssessmentSourceType.HUMAN
+    name = (
+        "approval.plan"
+        if decision.get("kind") == "plan"
+        else f"approval.tool.{decision.get('tool')}"
+    )
+    meta = {
+        "id": str(decision.get("id")),
+        "action": str(decision.get("action")),
+        "by": str(decision.get("by")),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(decision.get("at") or 0))),
+        "waited_s": str(decision.get("waited_s")),
+    }
+    for key in ("step", "iteration", "edited_steps"):
+        if decision.get(key) is not None:
+            meta[key] = str(decision[key])
+    if decision.get("args") is not None:
+        meta["args"] = json.dumps(decision["args"], default=str)[:1000]
+    if decision.get("edited_args") is not None:
+        meta["edited_args"] = json.dumps(decision["edited_args"], default=str)[:1000]
+    mlflow.log_feedback(
+        trace_id=trace_id,
+        name=name,
+        value=decision.get("action") != "reject",
+        rationale=decision.get("reason") or f"{decision.get('action')} by {decision.get('by')}",
+        source=AssessmentSource(source_type=kind, source_id=str(decision.get("by") or "unknown")),
+        metadata=meta,
     )
 
 
