@@ -260,7 +260,14 @@ class _Invocation:
         values = ctx.outcome or {}
         if not values and graph.checkpointer is not None:
             with contextlib.suppress(Exception):
-                values = dict(graph.get_state(self.config).values)
+                snapshot = graph.get_state(self.config)
+                values = dict(snapshot.values)
+                if self.status == "completed" and snapshot.interrupts:
+                    # Paused for approval: resumed with Command(resume={interrupt_id: ...}).
+                    from atlas.approvals import pending_in
+
+                    ctx.pending = [p.as_dict() for p in pending_in(snapshot)]
+                    values.update(status="awaiting_approval", pending=ctx.pending)
         if self.status not in ("error", "interrupted"):
             self.status = str(values.get("status") or "failed")
             self.session.trace.finish(ctx, values)

@@ -139,9 +139,11 @@ def _execute(session: Session, on_event: EventHandler | None, command: Any = Non
                 stream = graph.stream(graph_input, config, context=ctx, **_STREAM)
                 for part in stream:
                     values = _consume(part, emit, values)
-            if values.pop("__interrupt__", None) is not None:
+            values.pop("__interrupt__", None)
+            if not values.get("status"):  # not finished: paused for approval?
                 snapshot = graph.get_state(config)
-                values = _paused(ctx, dict(snapshot.values), snapshot, emit)
+                if snapshot.interrupts:
+                    values = _paused(ctx, dict(snapshot.values), snapshot, emit)
             status = values.get("status") or "failed"
             session.trace.finish(ctx, values)
     except KeyboardInterrupt:
@@ -356,9 +358,11 @@ async def _aexecute(session: Session, on_event: EventHandler | None) -> RunResul
                     {"task": ctx.spec.task}, config, context=ctx, **_STREAM
                 ):
                     values = _consume(part, emit, values)
-                if values.pop("__interrupt__", None) is not None:
+                values.pop("__interrupt__", None)
+                if not values.get("status"):  # not finished: paused for approval?
                     snapshot = await graph.aget_state(config)
-                    values = _paused(ctx, dict(snapshot.values), snapshot, emit)
+                    if snapshot.interrupts:
+                        values = _paused(ctx, dict(snapshot.values), snapshot, emit)
                 status = values.get("status") or "failed"
                 await asyncio.to_thread(session.trace.finish, ctx, values)
             except BaseException as exc:
