@@ -413,3 +413,64 @@ def test_embedded_graph_pauses_as_an_interrupt_and_resumes_by_interrupt_id(
     assert "__interrupt__" not in third
     assert third["status"] == "passed"
     assert len(_sent(tmp_path / "outbox.jsonl")) == 1
+
+
+# -- the policy ----------------------------------------------------------------------------------
+
+
+def test_a_bad_approval_block_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    task = _example(tmp_path, approval={"plan": True, "tools": {"send_email": "sometimes"}})
+    out = atlas_cli("run", str(task), "--model", "scripted", "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 2, out.stderr
+    assert "approval.tools" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "s" / "runs").exists() or not any((tmp_path / "s" / "runs").iterdir())
+
+
+def test_which_tools_wait_for_a_person() -> None:
+    """An exact name beats a glob, a longer glob a shorter one; a tool that declares side
+    effects waits unless the task says `never`; MCP tools match as mcp.<server>.<tool>."""
+    from types import SimpleNamespace
+
+    from langchain_core.tools import StructuredTool
+
+    from atlas.graph.approval import needs_approval
+    from atlas.spec import Approval
+
+    def tool(name: str, **meta: Any) -> StructuredTool:
+        return StructuredTool.from_function(
+            func=lambda: "", name=name, description="x", metadata=meta
+        )
+
+    def waits(policy: dict[str, Any], t: StructuredTool) -> bool:
+        ctx: Any = SimpleNamespace(spec=SimpleNamespace(approval=Approval(**policy)))
+        return needs_approval(ctx, t)
+
+    mail = tool("send_email", **{"atlas.tool.side_effects": True})
+    plain = tool("lookup")
+    crm = tool(
+        "create_ticket",
+        **{"atlas.tool.kind": "mcp", "atlas.mcp.server": "crm", "atlas.mcp.tool": "create_ticket"},
+    )
+    assert waits({}, mail) and not waits({}, plain) and not waits({}, crm)
+    assert not waits({"tools": {"send_email": "never"}}, mail)
+    assert waits({"tools": {"lookup": "always"}}, plain)
+    assert waits({"tools": {"mcp.crm.*": "always"}}, crm)
+    assert not waits({"tools": {"mcp.*": "always", "mcp.crm.*": "never"}}, crm)
+    assert waits({"tools": {"mcp.crm.*": "never", "mcp.crm.create_ticket": "always"}}, crm)
+
+
+def test_an_mcp_tool_that_declares_itself_destructive_waits_by_default() -> None:
+    from mcp import types
+
+    from atlas.tools.mcp import _tool_info
+
+    def info(annotations: types.ToolAnnotations | None) -> Any:
+        return _tool_info(
+            "crm", types.Tool(name="t", inputSchema={"type": "object"}, annotations=annotations)
+        )
+
+    assert info(types.ToolAnnotations(destructiveHint=True)).declared_destructive
+    assert not info(types.ToolAnnotations(destructiveHint=False)).declared_destructive
+    assert not info(types.ToolAnnotations(readOnlyHint=True)).declared_destructive
+    assert not info(None).declared_destructive  # unannotated: not declared, not asked about

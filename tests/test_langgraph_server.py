@@ -8,6 +8,7 @@ phone-home calls (usage analytics, the PyPI version check, LangSmith tracing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -75,7 +76,15 @@ def _tail(log: Path, lines: int = 60) -> str:
 
 @pytest.fixture
 def langgraph_server(tmp_path: Path) -> Iterator[Server]:
-    """`langgraph dev` serving ATLAS's graph on a free port of 127.0.0.1.
+    """`langgraph dev` serving ATLAS's graph on a free port of 127.0.0.1."""
+    with _serve(tmp_path) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _serve(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`langgraph dev` serving ATLAS's graph on a free port of 127.0.0.1, with `env` added to
+    its environment.
 
     It runs in `tmp_path`, where it keeps its own state (`.langgraph_api/`); `dependencies`
     puts the repository on its import path, so a fresh clone works too."""
@@ -94,7 +103,7 @@ def langgraph_server(tmp_path: Path) -> Iterator[Server]:
         proc = subprocess.Popen(
             command,
             cwd=tmp_path,
-            env=_server_env(tmp_path, tracking_uri),
+            env={**_server_env(tmp_path, tracking_uri), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
@@ -158,3 +167,49 @@ async def test_studio_server_runs_a_task_to_a_passed_verdict_with_a_trace(
     trace = next((t for t in traces if t.info.trace_id == final["trace_id"]), None)
     assert trace is not None, f"trace {final['trace_id']} not in {server.tracking_uri}"
     assert trace.info.tags.get("atlas.run_id") == final["run_id"]
+
+
+async def test_studio_server_pauses_for_approval_and_resumes_by_interrupt_id(
+    tmp_path: Path,
+) -> None:
+    """A task whose plan and email need approval, served by `langgraph dev`: the run stops on
+    an interrupt the server shows in the thread's state; a `Command(resume={id: ...})` run, as
+    Studio sends it, moves it on to the email, and a second one finishes it. The email is sent
+    once."""
+    import shutil
+
+    from langgraph_sdk import get_client
+
+    folder = tmp_path / "approvals"
+    shutil.copytree(ROOT / "examples" / "approvals", folder)
+    outbox = tmp_path / "outbox.jsonl"
+    env = {"ATLAS_TASK": str(folder / "task.yaml"), "OUTBOX_FILE": str(outbox)}
+    task = {"task": "Order 12 kg of espresso beans from the supplier by email, then say so."}
+    with _serve(tmp_path, env) as server:
+        async with get_client(url=server.url, api_key=None) as client:
+            thread = await client.threads.create()
+            tid = thread["thread_id"]
+
+            async def drive(**kwargs: Any) -> list[dict[str, Any]]:
+                errors = []
+                async for part in client.runs.stream(tid, "atlas", stream_mode="values", **kwargs):
+                    if part.event == "error":
+                        errors.append(part.data)
+                assert not errors, f"{errors}\n{_tail(server.log)}"
+                state = await client.threads.get_state(tid)
+                return list(state.get("interrupts") or [])
+
+            (plan,) = await drive(input=task)
+            assert plan["value"]["items"][0]["kind"] == "plan", plan
+            (tool,) = await drive(command={"resume": {plan["id"]: "approve"}})
+            assert tool["value"]["items"][0]["tool"] == "send_email", tool
+            assert not outbox.exists()
+            done = await drive(
+                command={"resume": {tool["id"]: {"action": "approve", "by": "studio"}}}
+            )
+            assert done == []
+            state = await client.threads.get_state(tid)
+    assert state["values"]["status"] == "passed", state["values"]
+    assert len(outbox.read_text().splitlines()) == 1
+    decided = [a["by"] for a in state["values"]["approvals"]]
+    assert decided == ["unknown", "studio"]

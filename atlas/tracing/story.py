@@ -626,7 +626,8 @@ class _Story:
         return self.steps.get(step_id) if isinstance(step_id, str) else None
 
     def _events(self) -> None:
-        """Handoffs and loop guards (to their steps), budget stops (to their iterations)."""
+        """Handoffs and loop guards (to their steps), budget stops and approval decisions (to
+        their iterations)."""
         for span in self.trace.spans:
             attributes = _attrs(span)
             name = span["name"]
@@ -651,6 +652,20 @@ class _Story:
                 else:
                     who = f" ({guard['worker']})" if guard["worker"] else ""
                     self.round(self.iteration_of(span)).notes.append(f"loop guard{who}: {reason}")
+            elif name.startswith("approval:"):
+                what = attributes.get("atlas.approval.tool") or attributes.get(
+                    "atlas.approval.kind", "?"
+                )
+                action = attributes.get("atlas.approval.action", "?")
+                reason = attributes.get("atlas.approval.reason")
+                waited = _float(attributes.get("atlas.approval.waited_s"))
+                note = f"approval: {_line(what)} {_line(action)} by "
+                note += _line(attributes.get("atlas.approval.by") or "?")
+                if waited is not None:
+                    note += f" after {waited:.1f} s"
+                if reason:
+                    note += f" ({_line(reason, 200)})"
+                self.round(self.iteration_of(span)).notes.append(note)
             elif name.startswith("budget_stop"):
                 limit = attributes.get("atlas.limit") or attributes.get("atlas.stop_reason")
                 where = attributes.get("atlas.where")
