@@ -269,7 +269,16 @@ def ask_decisions(
     waiting: list[Pending], ask: Any = input, say: Any = print
 ) -> dict[str, dict[str, Any]]:
     """Ask a person at the terminal about each waiting item: approve, edit or reject (with a
-    reason). Returns the decisions; an empty mapping (end of input) leaves the run paused."""
+    reason). Returns the decisions; an empty mapping (end of input, Ctrl-C) leaves the run
+    paused."""
+    try:
+        return _ask_each(waiting, ask, say)
+    except KeyboardInterrupt:
+        say("")
+        return {}
+
+
+def _ask_each(waiting: list[Pending], ask: Any, say: Any) -> dict[str, dict[str, Any]]:
     decided: dict[str, dict[str, Any]] = {}
     by = decider()
     for item in waiting:

@@ -474,3 +474,33 @@ def test_an_mcp_tool_that_declares_itself_destructive_waits_by_default() -> None
     assert not info(types.ToolAnnotations(destructiveHint=False)).declared_destructive
     assert not info(types.ToolAnnotations(readOnlyHint=True)).declared_destructive
     assert not info(None).declared_destructive  # unannotated: not declared, not asked about
+
+
+def test_a_worker_of_a_supervised_team_waits_and_goes_back_to_its_supervisor(
+    make_spec: Any, tmp_path: Path
+) -> None:
+    """A team with a supervisor (writing: drafter and editor) whose drafts need approval: each
+    `save_draft` waits, and after every decision the worker goes on and reports to its
+    supervisor. The run ends as it does with everything approved up front, with as many calls."""
+    from atlas.approvals import approve, pending
+    from atlas.runner import run
+
+    spec = make_spec(approval={"tools": {"save_draft": "always"}}, memory={"enabled": False})
+    state = tmp_path / "state"
+    result = run(spec, model="scripted", state_dir_path=state)
+    rounds = 0
+    while result.status == "awaiting_approval":
+        waiting = pending(result.run_id, state_dir_path=state)
+        assert waiting and all(p.item["tool"] == "save_draft" for p in waiting)
+        result = approve(result.run_id, state_dir_path=state, by="qa")
+        rounds += 1
+    assert rounds >= 1
+    auto = run(
+        make_spec(approval={"tools": {"save_draft": "always"}}, memory={"enabled": False}),
+        model="scripted",
+        state_dir_path=tmp_path / "auto",
+        approve_all=True,
+    )
+    assert result.status == auto.status == "passed"
+    assert result.model_calls == auto.model_calls
+    assert result.approvals == auto.approvals >= rounds
