@@ -657,14 +657,14 @@ class _Story:
                     "atlas.approval.kind", "?"
                 )
                 action = attributes.get("atlas.approval.action", "?")
-                reason = attributes.get("atlas.approval.reason")
+                why = str(attributes.get("atlas.approval.reason") or "")
                 waited = _float(attributes.get("atlas.approval.waited_s"))
                 note = f"approval: {_line(what)} {_line(action)} by "
                 note += _line(attributes.get("atlas.approval.by") or "?")
                 if waited is not None:
                     note += f" after {waited:.1f} s"
-                if reason:
-                    note += f" ({_line(reason, 200)})"
+                if why:
+                    note += f" ({_line(why, 200)})"
                 self.round(self.iteration_of(span)).notes.append(note)
             elif name.startswith("budget_stop"):
                 limit = attributes.get("atlas.limit") or attributes.get("atlas.stop_reason")
