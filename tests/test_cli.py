@@ -36,8 +36,16 @@ def examples_copy(tmp_path: Path) -> Path:
     "task", sorted(p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.glob("*/task.yaml"))
 )
 def test_every_example_runs_in_dry_run_mode(task: str, examples_copy: Path, tmp_path: Path) -> None:
+    """As CI runs them: `--approve-all` lets the approvals example through (without it, and
+    without a terminal, it exits 4, paused: tests/test_approval.py)."""
     proc = atlas_cli(
-        "run", str(examples_copy / task), "--model", "scripted", "--json", cwd=tmp_path
+        "run",
+        str(examples_copy / task),
+        "--model",
+        "scripted",
+        "--json",
+        "--approve-all",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
