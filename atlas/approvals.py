@@ -82,12 +82,13 @@ def pending_in(snapshot: Any) -> list[Pending]:
 def pending(run_id: str, *, state_dir_path: str | os.PathLike[str] | None = None) -> list[Pending]:
     """What the run waits for, read from its checkpoint (empty when it waits for nothing)."""
     from atlas.graph.build import build_run_graph
-    from atlas.runs import RunStore, restore_secrets, state_dir, sync_checkpointer
+    from atlas.runs import checkpoints, restore_secrets, run_store, state_dir
+    from atlas.runs_postgres import state_url
 
     directory = state_dir(state_dir_path)
-    record = RunStore(directory).get(run_id)
+    record = run_store(directory).get(run_id)
     spec = restore_secrets(record)
-    with sync_checkpointer(directory) as saver:
+    with checkpoints(directory, state_url(spec)) as saver:
         graph = build_run_graph(spec).compile(checkpointer=saver, name="atlas")
         snapshot = graph.get_state({"configurable": {"thread_id": record.run_id}})
     return pending_in(snapshot)

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--state-dir", metavar="DIR", help="runs, checkpoints and traces (default ./.atlas)"
         )
+        p.add_argument(
+            "--state-url",
+            metavar="URL",
+            help="run records and checkpoints in Postgres (default: $ATLAS_STATE_URL, else "
+            "SQLite in the state directory)",
+        )
 
     run = sub.add_parser("run", help="run a task file")
     run.add_argument("file", help="task YAML file")
@@ -154,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_BAD_INPUT
     try:
+        if getattr(args, "state_url", None):
+            from atlas.runs_postgres import STATE_URL_ENV, check_url
+
+            os.environ[STATE_URL_ENV] = check_url(args.state_url, "--state-url")
         return int(_COMMANDS[args.command](args))
     except KeyboardInterrupt:
         print(
@@ -289,9 +299,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         from atlas.models import check_override
 
         check_override(args.model)
-    from atlas.runs import RunStore, matched_prefix, state_dir
+    from atlas.runs import matched_prefix, run_store, state_dir
 
-    record = RunStore(state_dir(args.state_dir)).resolve(args.run_id)
+    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
     note = matched_prefix(args.run_id, record)
     if note:
         print(f"atlas: {note}", file=sys.stderr)
@@ -309,9 +319,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_approvals(args: argparse.Namespace) -> int:
     from atlas.approvals import pending
-    from atlas.runs import RunStore, matched_prefix, state_dir
+    from atlas.runs import matched_prefix, run_store, state_dir
 
-    store = RunStore(state_dir(args.state_dir))
+    store = run_store(state_dir(args.state_dir))
     if args.run_id:
         record = store.resolve(args.run_id)
         note = matched_prefix(args.run_id, record)
@@ -336,13 +346,13 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
 
 def _cmd_approve(args: argparse.Namespace) -> int:
     from atlas.approvals import approve
-    from atlas.runs import RunStore, matched_prefix, state_dir
+    from atlas.runs import matched_prefix, run_store, state_dir
 
     if args.model:
         from atlas.models import check_override
 
         check_override(args.model)
-    record = RunStore(state_dir(args.state_dir)).resolve(args.run_id)
+    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
     note = matched_prefix(args.run_id, record)
     if note:
         print(f"atlas: {note}", file=sys.stderr)
@@ -552,9 +562,9 @@ def _interrupted_line(partial: Any) -> str:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from atlas.runs import RunStore, state_dir
+    from atlas.runs import run_store, state_dir
 
-    records = RunStore(state_dir(args.state_dir)).list(limit=args.limit)
+    records = run_store(state_dir(args.state_dir)).list(limit=args.limit)
     if args.json:
         print(json.dumps([r.__dict__ | {"spec_json": None} for r in records], default=str))
         return 0
@@ -568,11 +578,11 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from atlas.runs import RunStore, state_dir
+    from atlas.runs import run_store, state_dir
     from atlas.tracing.story import render, story_for_record
 
     directory = state_dir(args.state_dir)
-    record = RunStore(directory).resolve(args.run_id)
+    record = run_store(directory).resolve(args.run_id)
     if record.run_id != args.run_id:
         print(f"atlas: run {record.run_id} (matched prefix {args.run_id})", file=sys.stderr)
     story = story_for_record(record, directory, tracking_uri=args.tracking_uri)

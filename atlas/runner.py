@@ -25,11 +25,11 @@ from atlas.events import iter_events as iter_events  # moved to atlas.events; st
 from atlas.graph.build import build_run_graph
 from atlas.runs import (
     SYNCHRONOUS,
-    RunStore,
+    checkpoints,
     connect,
     restore_secrets,
+    run_store,
     state_dir,
-    sync_checkpointer,
 )
 from atlas.session import RunResult as RunResult
 from atlas.session import (
@@ -88,7 +88,10 @@ def run(
     begun = time.perf_counter()
     directory = state_dir(state_dir_path)
     rid = run_id or new_run_id()
-    with run_lock(directory, rid), output_lock(directory, spec, rid):
+    from atlas.runs_postgres import state_url
+
+    url = state_url(spec)
+    with run_lock(directory, rid, url), output_lock(directory, spec, rid):
         session = Session.open(
             spec,
             directory,
@@ -125,7 +128,10 @@ def _execute(session: Session, on_event: EventHandler | None, command: Any = Non
     error: BaseException | None = None
     _ACTIVE[id(ctx)] = ctx
     try:
-        with sync_checkpointer(directory) as saver, session.trace.root(ctx, resumed=resumed):
+        with (
+            checkpoints(directory, session.state_url) as saver,
+            session.trace.root(ctx, resumed=resumed),
+        ):
             graph = build_run_graph(ctx).compile(checkpointer=saver, name="atlas")
             snapshot = graph.get_state(config)
             # The time limit counts the run's own work, not the set-up above.
@@ -156,7 +162,7 @@ def _execute(session: Session, on_event: EventHandler | None, command: Any = Non
         _ACTIVE.pop(id(ctx), None)
         with contextlib.suppress(Exception):
             if status in ("error", "interrupted") and not values:
-                values = _last_values(directory, config)
+                values = _last_values(directory, config, session.state_url)
         result = session.close(values, status, error)
         emit(end_event(result))
         _LAST_RESULT[0] = result
@@ -211,8 +217,21 @@ def _flock(path: Path, busy: Callable[[str], AtlasError]) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_lock(directory: Path, run_id: str) -> contextlib.AbstractContextManager[None]:
-    """Held in `runs/<id>/run.lock` while the run executes: one process at a time runs it."""
+@contextlib.contextmanager
+def run_lock(directory: Path, run_id: str, url: str | None = None) -> Iterator[None]:
+    """Held in `runs/<id>/run.lock` while the run executes: one process at a time runs it; with
+    a Postgres state store, also an advisory lock there, so one host at a time does."""
+    with _local_run_lock(directory, run_id):
+        if url is None:
+            yield
+            return
+        from atlas.runs_postgres import run_lock as shared_lock
+
+        with shared_lock(url, run_id):
+            yield
+
+
+def _local_run_lock(directory: Path, run_id: str) -> contextlib.AbstractContextManager[None]:
     return _flock(
         directory / "runs" / run_id / "run.lock",
         lambda holder: RunLocked(
@@ -251,8 +270,8 @@ def last_result() -> RunResult | None:
     return _LAST_RESULT[0]
 
 
-def _last_values(directory: Path, config: RunnableConfig) -> dict[str, Any]:
-    with sync_checkpointer(directory) as saver:
+def _last_values(directory: Path, config: RunnableConfig, url: str | None = None) -> dict[str, Any]:
+    with checkpoints(directory, url) as saver:
         tup = saver.get_tuple(config)
         if tup is None:
             return {}
@@ -272,7 +291,7 @@ def resume(
 
     A run awaiting approval asks again (see `atlas.approvals.approve` to decide)."""
     directory = state_dir(state_dir_path)
-    record = RunStore(directory).get(run_id)
+    record = run_store(directory).get(run_id)
     if model is None and record.model and REDACTED in record.model:
         from atlas.errors import SpecError
 
@@ -348,7 +367,7 @@ async def _aexecute(session: Session, on_event: EventHandler | None) -> RunResul
     status = "error"
     error: BaseException | None = None
     try:
-        async with _async_checkpointer(session.directory) as saver:
+        async with _async_checkpointer(session.directory, session.state_url) as saver:
             await asyncio.to_thread(session.trace.begin, ctx, resumed=False)
             token = session.trace.attach()
             try:
@@ -386,7 +405,13 @@ async def _aexecute(session: Session, on_event: EventHandler | None) -> RunResul
 
 
 @contextlib.asynccontextmanager
-async def _async_checkpointer(directory: Path) -> Any:
+async def _async_checkpointer(directory: Path, url: str | None = None) -> Any:
+    if url:
+        from atlas.runs_postgres import async_checkpointer
+
+        async with async_checkpointer(url) as saver:
+            yield saver
+        return
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 

@@ -340,6 +340,29 @@ def checkpoint_path(directory: Path) -> Path:
     return directory / "checkpoints.db"
 
 
+def run_store(directory: Path, url: str | None = None) -> Any:
+    """The run records: in Postgres when a state URL is given or `$ATLAS_STATE_URL` is set
+    (`atlas/runs_postgres.py`), else `runs.db` in the state directory."""
+    from atlas.runs_postgres import PgRunStore, state_url
+
+    chosen = url or state_url()
+    return PgRunStore(chosen) if chosen else RunStore(directory)
+
+
+@contextmanager
+def checkpoints(directory: Path, url: str | None = None) -> Iterator[Any]:
+    """The checkpointer: Postgres's when a state URL is given or set, else `checkpoints.db`."""
+    from atlas.runs_postgres import checkpointer, state_url
+
+    chosen = url or state_url()
+    if chosen:
+        with checkpointer(chosen) as saver:
+            yield saver
+    else:
+        with sync_checkpointer(directory) as saver:
+            yield saver
+
+
 @contextmanager
 def sync_checkpointer(directory: Path) -> Iterator[Any]:
     from langgraph.checkpoint.sqlite import SqliteSaver

@@ -22,7 +22,7 @@ from atlas.context import RunContext
 from atlas.errors import AtlasError
 from atlas.events import EndEvent, EventHandler, StartEvent
 from atlas.models.usage import totals
-from atlas.runs import RunRecord, RunStore, now, spec_to_json
+from atlas.runs import RunRecord, now, run_store, spec_to_json
 from atlas.spec import TaskSpec, agent_version_label
 from atlas.tracing.redact import public_model
 
@@ -264,7 +264,7 @@ class Session:
     def __init__(
         self,
         ctx: RunContext,
-        store: RunStore,
+        store: Any,
         trace: Any,
         directory: Path,
         *,
@@ -279,6 +279,8 @@ class Session:
         self.begun = begun
         self.started = begun
         """When the run's own work started (after set-up); `timeout_s` counts from here."""
+        self.state_url: str | None = None
+        """The Postgres state store the run's records and checkpoints are in, or None."""
 
     @classmethod
     def open(
@@ -297,7 +299,10 @@ class Session:
         """Set the run up: its context (models resolved, stores and tools open), its tracer,
         and its record (`running`). Anything that fails here fails before any model call."""
         begun = time.perf_counter() if begun is None else begun
-        store = RunStore(directory)
+        from atlas.runs_postgres import state_url
+
+        url = state_url(spec)
+        store = run_store(directory, url)
         ctx = prepare(spec, directory, run_id=run_id, model=model)
         try:
             from atlas.tracing.setup import start_tracing
@@ -314,7 +319,9 @@ class Session:
         except BaseException:
             ctx.close()
             raise
-        return cls(ctx, store, trace, directory, resumed=resumed, begun=begun)
+        session = cls(ctx, store, trace, directory, resumed=resumed, begun=begun)
+        session.state_url = url
+        return session
 
     def start_clock(self, earlier_usage: dict[str, Any] | None = None) -> None:
         """Start the run's own work: a new session in the call journal, what earlier sessions

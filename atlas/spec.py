@@ -329,6 +329,24 @@ class Alerts(_Strict):
     )
 
 
+class State(_Strict):
+    """Where ATLAS keeps its own state: run records and checkpoints. Default: SQLite files in
+    the state directory. `$ATLAS_STATE_URL` overrides `url`, and is what `atlas runs`, `resume`
+    and `approve` read (they have no task file to read it from)."""
+
+    url: str | None = Field(
+        None,
+        description="postgresql://user:password@host:5432/db: records and checkpoints in Postgres",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+
 ApprovalMode = Literal["always", "never"]
 
 
@@ -505,6 +523,7 @@ class TaskSpec(_Strict):
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     alerts: Alerts = Field(default_factory=Alerts)
     approval: Approval = Field(default_factory=Approval)
+    state: State = Field(default_factory=State)
     version: str | None = Field(
         None,
         pattern=VERSION_PATTERN,

@@ -141,3 +141,96 @@ def atlas_cli(
         timeout=timeout,
         check=False,
     )
+
+
+# -- a Postgres server, for the state-store tests --------------------------------------------
+
+
+PG_PASSWORD = "pg-s3cret-Zq81"
+"""The test cluster's password: what the secret scans look for."""
+
+
+def _pg_bindir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway Postgres cluster (Debian's binaries) on 127.0.0.1, with password auth over
+    TCP; stopped and deleted at the end. Yields the server's URL without a database."""
+    import shutil
+    import tempfile
+
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.fail("Postgres is not installed (apt-get install postgresql; scripts/test does)")
+    base = Path(tempfile.mkdtemp(prefix="atlas-pg-"))
+    base.chmod(0o755)
+    runas: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as `postgres`
+        runas = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres")
+    (base / "pw").write_text(PG_PASSWORD)
+    if runas:
+        shutil.chown(base / "pw", "postgres")
+    data, log, port = base / "data", base / "log", free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*runas, *args], check=True, capture_output=True, timeout=120)
+
+    pg(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "atlas",
+        "--pwfile",
+        str(base / "pw"),
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    )
+    options = f"-k {base} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        options,
+        "start",
+    )
+    try:
+        yield f"postgresql://atlas:{PG_PASSWORD}@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            [*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the test cluster, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{postgres_server}/{name}"
+    finally:
+        with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -49,11 +49,16 @@ def _write_task(where: Path) -> Path:
 
 
 def _start_and_kill(
-    tmp_path: Path, log: Path, when: Callable[[list[dict]], bool], options: str = ""
+    tmp_path: Path,
+    log: Path,
+    when: Callable[[list[dict]], bool],
+    options: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> str:
     task = _write_task(tmp_path)
     model = f"scripted?latency_ms=150&call_log={log}{options}"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    env.update(extra_env or {})
     err = tmp_path / "run.stderr"
     with open(err, "wb") as err_fh:
         proc = subprocess.Popen(
@@ -75,19 +80,32 @@ def _start_and_kill(
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    runs = json.loads(atlas_cli("runs", "--json", cwd=tmp_path).stdout)
+    runs = json.loads(atlas_cli("runs", "--json", cwd=tmp_path, env=extra_env).stdout)
     assert runs[0]["status"] == "running"  # killed: never marked finished
     return str(runs[0]["run_id"])
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The run's state in SQLite files (the default) or in Postgres (`ATLAS_STATE_URL`)."""
+    if request.param == "sqlite":
+        return {}
+    return {"ATLAS_STATE_URL": request.getfixturevalue("postgres_url")}
+
+
 @pytest.mark.e2e
-def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path) -> None:
+def test_kill_during_writing_then_resume_redoes_nothing_finished(
+    tmp_path: Path, state_env: dict[str, str]
+) -> None:
     log = tmp_path / "calls.jsonl"
     run_id = _start_and_kill(
-        tmp_path, log, lambda calls: any("handoff:drafter" in c["tools"] for c in calls)
+        tmp_path,
+        log,
+        lambda calls: any("handoff:drafter" in c["tools"] for c in calls),
+        extra_env=state_env,
     )
     first_pid = _calls(log)[0]["pid"]
-    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
+    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path, env=state_env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "passed" and summary["resumed"] is True
@@ -108,14 +126,19 @@ def test_kill_during_writing_then_resume_redoes_nothing_finished(tmp_path: Path)
 
 
 @pytest.mark.e2e
-def test_kill_during_parallel_wave_then_resume_completes(tmp_path: Path) -> None:
+def test_kill_during_parallel_wave_then_resume_completes(
+    tmp_path: Path, state_env: dict[str, str]
+) -> None:
     log = tmp_path / "calls.jsonl"
     run_id = _start_and_kill(
-        tmp_path, log, lambda calls: sum(c["role"] == "worker" for c in calls) >= 2
+        tmp_path,
+        log,
+        lambda calls: sum(c["role"] == "worker" for c in calls) >= 2,
+        extra_env=state_env,
     )
     before = _calls(log)
     first_pid = before[0]["pid"]
-    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path)
+    proc = atlas_cli("resume", run_id, "--json", cwd=tmp_path, env=state_env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "passed"

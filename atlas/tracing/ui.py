@@ -15,7 +15,7 @@ from typing import IO, cast
 
 from atlas._process import die_with_parent, stop, wait_for_http
 from atlas.errors import AtlasError, SpecError
-from atlas.runs import RunStore, state_dir
+from atlas.runs import run_store, state_dir
 
 
 def trace_url(base: str, experiment_id: str, trace_id: str) -> str:
@@ -107,7 +107,7 @@ class _Tail:
 def serve(args: argparse.Namespace) -> int:
     check_port_range(args.port)
     directory = state_dir(args.state_dir)
-    latest = RunStore(directory).latest()
+    latest = run_store(directory).latest()
     uri = args.tracking_uri or (latest.tracking_uri if latest and latest.tracking_uri else None)
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{directory / 'mlflow.db'}"
     if uri.startswith("http"):
