@@ -313,7 +313,11 @@ class Session:
             if task_file and hasattr(trace, "task_file"):
                 trace.task_file = task_file  # the criteria's expectation is credited to it
             if not resumed:
-                store.start(new_record(ctx, model, task_file))
+                record = new_record(ctx, model, task_file)
+                # Where the trace goes, known from the start: a resume after a kill (which
+                # never wrote the summary) continues on the same tracking server.
+                record.tracking_uri = getattr(trace, "tracking_uri", None)
+                store.start(record)
             else:
                 store.update(ctx.run_id, status="running", pid=os.getpid())
         except BaseException:

@@ -234,3 +234,74 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     finally:
         with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- an MLflow tracking server on that Postgres -----------------------------------------------
+
+
+MLFLOW_ADMIN = ("atlas-admin", "mlflow-Adm1n-pw-77")
+"""The tracking server's basic-auth admin: what clients send (MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD), and what the secret scans look for."""
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` with its backend store in Postgres, proxied artifacts in a local folder
+    and basic auth (`--app-name basic-auth`), on 127.0.0.1. Yields its URL (no credentials:
+    clients get them from the environment)."""
+    import psycopg
+
+    from atlas._process import die_with_parent, stop, wait_for_http
+
+    base = tmp_path_factory.mktemp("mlflow-server")
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as con:
+        for name in ("mlflow", "mlflow_auth"):
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            con.execute(f'CREATE DATABASE "{name}"')
+    store = postgres_server.replace("postgresql://", "postgresql+psycopg://")
+    auth = base / "basic_auth.ini"
+    auth.write_text(
+        "[mlflow]\n"
+        "default_permission = EDIT\n"
+        f"database_uri = {store}/mlflow_auth\n"
+        f"admin_username = {MLFLOW_ADMIN[0]}\n"
+        f"admin_password = {MLFLOW_ADMIN[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "atlas-tests-only",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"{store}/mlflow",
+        "--artifacts-destination",
+        str(base / "artifacts"),
+        "--serve-artifacts",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = base / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        problem = wait_for_http(f"{url}/health", proc, timeout=180)
+        assert problem is None, f"mlflow server {problem}:\n{log.read_text()[-3000:]}"
+        yield url
+    finally:
+        stop(proc)
