@@ -162,6 +162,7 @@ def test_stdio_tools_answer_on_the_sync_and_async_paths(hub: McpHub) -> None:
         "atlas.tool.kind": "mcp",
         "atlas.mcp.destructive": False,
         "atlas.mcp.read_only": True,
+        "atlas.tool.side_effects": False,  # what approval reads: only a declared destructiveHint
     }
 
 
