@@ -148,3 +148,89 @@ def test_wrong_tracking_credentials_fall_back_to_the_local_store_with_one_warnin
     warnings = [line for line in out.stderr.splitlines() if "refused the credentials" in line]
     assert len(warnings) == 1, out.stderr
     assert "wrong-pw-91" not in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_twenty_runs_in_four_processes_share_postgres_and_the_tracking_server(
+    postgres_url: str, mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 processes with 5 concurrent runs each, on one Postgres state store, one MLflow server
+    (its store in the same Postgres) and one embedded memory: 20/20 pass, 20 complete traces with
+    their token usage on the server (mlflow #24332 dropped it under a Postgres deadlock), every
+    run's findings stored, no deadlock reported."""
+    from atlas.memory.store import Memory
+    from tests.conftest import ROOT, record_figure
+
+    state = tmp_path / "state"
+    state.mkdir()
+    docs, data = EXAMPLES / "quickstart" / "docs", EXAMPLES / "quickstart" / "data"
+    env = {**os.environ, **_env(postgres_url)}
+    script = ROOT / "tests" / "fixtures" / "concurrent_runs.py"
+    begun = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(state),
+                mlflow_server,
+                str(5 * n),
+                "5",
+                str(docs),
+                str(data),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for n in range(4)
+    ]
+    outcomes = [p.communicate(timeout=900) for p in procs]
+    wall = time.monotonic() - begun
+    errors = "\n".join(err for _, err in outcomes)
+    assert [p.returncode for p in procs] == [0] * 4, errors[-3000:]
+    assert "deadlock" not in errors.lower()
+    lines = [line for out, _ in outcomes for line in out.splitlines() if line.strip()]
+    summaries = [json.loads(line) for line in lines if line.startswith('{"run_id"')]
+    assert len(summaries) == 20, lines[-20:]
+    assert {s["status"] for s in summaries} == {"passed"}
+    assert {s["tracking_uri"] for s in summaries} == {mlflow_server}
+
+    client = _client(mlflow_server, monkeypatch)
+    complete = 0
+    for summary in summaries:
+        trace = client.get_trace(summary["trace_id"])
+        names = {s.name for s in trace.data.spans}
+        usage = trace.info.token_usage or {}
+        if {"plan", "judge", "finalize"} <= names and usage.get("total_tokens", 0) > 0:
+            complete += 1
+        assert "memory_error" not in names
+    assert complete == 20
+    records = json.loads(
+        atlas_cli("runs", "--json", "--limit", "50", env=_env(postgres_url)).stdout
+    )
+    assert sorted(r["status"] for r in records) == ["passed"] * 20
+
+    memory = Memory(state / "memory")
+    try:
+        findings = memory.vector.collection.get(where={"kind": "finding"}, include=["metadatas"])
+        per_run: dict[str, int] = {}
+        for meta in findings["metadatas"]:
+            per_run[meta["run_id"]] = per_run.get(meta["run_id"], 0) + 1
+        assert set(per_run) == {s["run_id"] for s in summaries}
+        assert len(set(per_run.values())) == 1  # no memory write lost
+        assert memory.graph.stats()["findings"] == 3 * 20
+    finally:
+        memory.close()
+    record_figure(
+        "shared_stack_concurrency",
+        {
+            "processes": 4,
+            "runs": 20,
+            "passed": 20,
+            "complete_traces_with_usage": complete,
+            "wall_s": round(wall, 1),
+        },
+    )
