@@ -35,6 +35,9 @@ def _client(url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_ADMIN[1])
+    # A trace whose spans are read from its artifact resolves `mlflow-artifacts:` through the
+    # process's tracking URI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     return mlflow.MlflowClient(url)
 
 
