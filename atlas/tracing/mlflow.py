@@ -86,6 +86,20 @@ def choose_uri(spec: TaskSpec, state_dir: Path, explicit: str | None) -> str:
 
 PROBE_BUDGET_S = 3.5
 """The whole check of a tracking server (connect, `/health`, one API call) ends within this."""
+PROBE_ENV = "ATLAS_TRACKING_PROBE_S"
+"""A longer budget for that check (and for MLflow's set-up calls), for a server that is slow to
+answer under load; the default fits a server that answers at all."""
+
+
+def _probe_scale() -> float:
+    """How much longer than the defaults the tracking checks may take (`ATLAS_TRACKING_PROBE_S`)."""
+    try:
+        budget = float(os.environ.get(PROBE_ENV) or PROBE_BUDGET_S)
+    except ValueError:
+        return 1.0
+    return max(1.0, min(budget, 120.0) / PROBE_BUDGET_S)
+
+
 SETUP_HTTP_TIMEOUT_S = 2
 """MLflow's HTTP timeout (s, no retries) while it gets or creates the experiment."""
 RUN_HTTP_DEFAULTS = {
@@ -120,7 +134,7 @@ def _bounded_http() -> Iterator[None]:
     """MLflow's HTTP client bounded to one quick try per call while the store is set up."""
     _set_default_env(
         {
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SETUP_HTTP_TIMEOUT_S),
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(round(SETUP_HTTP_TIMEOUT_S * _probe_scale())),
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
         }
@@ -162,11 +176,14 @@ def probe(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return None
-    deadline = time.monotonic() + PROBE_BUDGET_S
+    scale = _probe_scale()
+    deadline = time.monotonic() + PROBE_BUDGET_S * scale
     host = parsed.hostname or "127.0.0.1"
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((host, port), timeout=_left(deadline, PROBE_TIMEOUT_S)):
+        with socket.create_connection(
+            (host, port), timeout=_left(deadline, PROBE_TIMEOUT_S * scale)
+        ):
             pass
     except OSError as exc:
         return f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})"
@@ -177,14 +194,14 @@ def probe(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
 
         context = ssl._create_unverified_context()
     health = f"{base}/health"
-    status, problem = _get(health, headers, _left(deadline, PROBE_TIMEOUT_S), context)
+    status, problem = _get(health, headers, _left(deadline, PROBE_TIMEOUT_S * scale), context)
     if problem is not None:
         return problem
     if status is not None and status >= 500:
         return f"{health} answered {status}"
     query = urllib.parse.urlencode({"experiment_name": experiment})
     api = f"{base}/api/2.0/mlflow/experiments/get-by-name"
-    status, problem = _get(f"{api}?{query}", headers, _left(deadline, 2.0), context, api)
+    status, problem = _get(f"{api}?{query}", headers, _left(deadline, 2.0 * scale), context, api)
     if problem is not None:
         return problem
     if status in (401, 403):
