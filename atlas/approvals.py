@@ -45,6 +45,12 @@ class Pending:
     def as_dict(self) -> dict[str, Any]:
         return {**self.item, "interrupt_id": self.interrupt_id}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pending:
+        """The inverse of `as_dict` (a summary's `pending`, an `approval_needed` event)."""
+        item = {k: v for k, v in data.items() if k not in ("interrupt_id", "type", "event", "ts")}
+        return cls(str(data.get("interrupt_id")), item)
+
     def describe(self) -> str:
         """One line: what waits."""
         if self.kind == "plan":

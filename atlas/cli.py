@@ -299,12 +299,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         from atlas.models import check_override
 
         check_override(args.model)
-    from atlas.runs import matched_prefix, run_store, state_dir
-
-    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
-    note = matched_prefix(args.run_id, record)
-    if note:
-        print(f"atlas: {note}", file=sys.stderr)
+    record = _resolve_run(args)
     return _execute(
         args,
         lambda on_event: resume(
@@ -317,18 +312,25 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_approvals(args: argparse.Namespace) -> int:
-    from atlas.approvals import pending
+def _resolve_run(args: argparse.Namespace) -> Any:
+    """The run `args.run_id` names (an id or a unique prefix), saying so when it was a prefix."""
     from atlas.runs import matched_prefix, run_store, state_dir
 
-    store = run_store(state_dir(args.state_dir))
+    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
+    note = matched_prefix(args.run_id, record)
+    if note:
+        print(f"atlas: {note}", file=sys.stderr)
+    return record
+
+
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    from atlas.approvals import pending
+    from atlas.runs import run_store, state_dir
+
     if args.run_id:
-        record = store.resolve(args.run_id)
-        note = matched_prefix(args.run_id, record)
-        if note:
-            print(f"atlas: {note}", file=sys.stderr)
-        records = [record]
+        records = [_resolve_run(args)]
     else:
+        store = run_store(state_dir(args.state_dir))
         records = [r for r in store.list(limit=1000) if r.status == "awaiting_approval"]
     found = [(r, p) for r in records for p in pending(r.run_id, state_dir_path=args.state_dir)]
     if args.json:
@@ -346,17 +348,12 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
 
 def _cmd_approve(args: argparse.Namespace) -> int:
     from atlas.approvals import approve
-    from atlas.runs import matched_prefix, run_store, state_dir
 
     if args.model:
         from atlas.models import check_override
 
         check_override(args.model)
-    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
-    note = matched_prefix(args.run_id, record)
-    if note:
-        print(f"atlas: {note}", file=sys.stderr)
-    _check_decision(record.run_id, args)
+    record = _resolve_run(args)
     return _execute(
         args,
         lambda on_event: approve(
@@ -370,32 +367,6 @@ def _cmd_approve(args: argparse.Namespace) -> int:
             on_event=on_event,
             model=args.model,
         ),
-    )
-
-
-def _check_decision(run_id: str, args: argparse.Namespace) -> None:
-    """Everything about the decision that can be checked is checked before the run resumes."""
-    from atlas.approvals import pending, read_edit, resume_command
-
-    waiting = pending(run_id, state_dir_path=args.state_dir)
-    if not waiting:
-        from atlas.errors import SpecError
-
-        raise SpecError(f"run {run_id} is not waiting for approval", field="run_id")
-    edit = None
-    if args.edit:
-        chosen = [p for p in waiting if not args.ids or p.id in args.ids]
-        if len(chosen) == 1:
-            edit = read_edit(args.edit, chosen[0])
-        else:
-            edit = {}
-    resume_command(
-        waiting,
-        ids=args.ids,
-        action="reject" if args.reject else "approve",
-        reason=args.reason,
-        edit=edit,
-        by=args.by,
     )
 
 
@@ -489,10 +460,7 @@ def _paused(args: argparse.Namespace, result: Any) -> int:
     (never block a script or CI waiting for input)."""
     from atlas.approvals import Pending
 
-    waiting = [
-        Pending(str(p.get("interrupt_id")), {k: v for k, v in p.items() if k != "interrupt_id"})
-        for p in result.pending
-    ]
+    waiting = [Pending.from_dict(p) for p in result.pending]
     interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and waiting:
         from atlas.approvals import approve_decided, ask_decisions

@@ -105,8 +105,7 @@ class Progress:
         elif kind == "approval_needed":
             from atlas.approvals import Pending
 
-            item = {k: v for k, v in event.items() if k not in ("type", "event", "ts")}
-            waiting = Pending(str(event.get("interrupt_id")), item)
+            waiting = Pending.from_dict(event)
             line = f"awaiting approval [{waiting.id}]: {waiting.describe()}"
             if self.live is not None:
                 self.live.console.print(_clean(line), markup=False)
