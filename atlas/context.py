@@ -340,6 +340,7 @@ class RunContext:
     ) -> RunContext:
         from atlas.memory.store import Memory
         from atlas.models import ModelRoles
+        from atlas.models.cache import for_spec as cache_for_spec
         from atlas.registry import Registry
         from atlas.tools import Workspace
         from atlas.tracing import NullTracer
@@ -349,9 +350,11 @@ class RunContext:
         run_dir = base / "runs" / rid
         run_dir.mkdir(parents=True, exist_ok=True)
         memory = Memory.for_spec(spec, base, run_id=rid) if spec.memory.enabled else None
+        # An unreachable cache server fails here, before any model call.
+        response_cache = cache_for_spec(spec, base)
         ctx = cls(
             spec=spec,
-            models=ModelRoles(spec, override=model),
+            models=ModelRoles(spec, override=model, response_cache=response_cache),
             registry=Registry.for_spec(spec),
             workspace=Workspace.for_spec(spec, run_dir, memory=memory),
             budget=Budget(spec.budget, journal=CallJournal(run_dir / "calls.jsonl")),

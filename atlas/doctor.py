@@ -1,4 +1,6 @@
-"""`python -m atlas doctor`: check the state directory's databases, move corrupt ones aside.
+"""`python -m atlas doctor [TASK]`: check every server the task (or, without one, the
+environment) is configured to use, one line each (`atlas.stack`); then the state directory's
+databases, moving corrupt ones aside.
 
 Each of `runs.db`, `checkpoints.db` and `mlflow.db` is checked with `PRAGMA quick_check` on a
 read-only connection. A corrupt file is only reported, unless `--yes` is given: then it is
@@ -49,8 +51,17 @@ class Finding:
 
 def add_parser(sub: Any, state: Any) -> None:
     doctor = sub.add_parser(
-        "doctor", help="check the state directory's databases; move corrupt ones aside"
+        "doctor",
+        help="check every configured server and the state directory's databases; move corrupt "
+        "ones aside",
     )
+    doctor.add_argument(
+        "file",
+        nargs="?",
+        metavar="TASK",
+        help="task YAML file whose servers to check (default: the environment's)",
+    )
+    doctor.add_argument("--tracking-uri", metavar="URI", help="as for run")
     doctor.add_argument(
         "--yes",
         action="store_true",
@@ -60,11 +71,18 @@ def add_parser(sub: Any, state: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from atlas.spec import load_task
+    from atlas.stack import check_stack, default_spec
+
     directory = state_dir(args.state_dir)
-    if not directory.is_dir():
-        print(f"no state in {directory}: nothing to check")
-        return 0
+    spec = load_task(args.file) if getattr(args, "file", None) else default_spec()
     problems = 0
+    for part in check_stack(spec, directory, getattr(args, "tracking_uri", None)):
+        print(part.line())
+        problems += part.problem is not None
+    if not directory.is_dir():
+        print(f"no state in {directory}: no database files to check")
+        return 1 if problems else 0
     for finding in (check(directory / name) for name in FILES):
         if finding.status in ("ok", "missing"):
             print(f"{finding.name}: {'ok' if finding.status == 'ok' else 'not there'}")

@@ -328,6 +328,9 @@ class EndEvent(_Timed):
     """What waits for a person when `status` is awaiting_approval (as `approval_needed`)."""
     approvals: int
     approval_wait_s: float | None
+    cache_hits: int
+    """Model calls answered from the model-response cache (`cache:`): no tokens spent."""
+    cache_saved_tokens: int
     alerts: list[dict[str, Any]]
     """Thresholds of the task's `alerts:` the run breached (`name`, `value`, `limit`,
     `message`); see `atlas.alerts`."""

@@ -185,6 +185,15 @@ class Progress:
             ("output", str(result.output)),
             ("models", ", ".join(sorted({public_model(str(m)) for m in result.models.values()}))),
         ]
+        if getattr(result, "cache_hits", 0):
+            rows.insert(
+                4,
+                (
+                    "cache",
+                    f"{result.cache_hits} of {result.model_calls} calls answered from the cache "
+                    f"({result.cache_saved_tokens} tokens saved)",
+                ),
+            )
         if result.score is not None:
             rows.insert(1, ("judge score", f"{result.score:.2f}"))
         if getattr(result, "approvals", 0):

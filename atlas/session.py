@@ -76,6 +76,10 @@ class RunResult:
     approval_wait_s: float | None = None
     """Seconds plans and tool calls waited for their decisions; not counted against
     `timeout_s`."""
+    cache_hits: int = 0
+    """Model calls answered from the model-response cache (`cache:`): no tokens, no cost."""
+    cache_saved_tokens: int = 0
+    """Tokens those calls would have used: what the cached answers cost when first made."""
     alerts: list[dict[str, Any]] = field(default_factory=list)
     """Thresholds of the task's `alerts:` that the run breached (`name`, `value`, `limit`,
     `message` each); the status is unchanged by them."""
@@ -208,6 +212,8 @@ def summarize(
         pending=list(ctx.pending),
         approvals=len(decided),
         approval_wait_s=round(sum(waits), 3) if waits else None,
+        cache_hits=int(run.get("cache_hits", 0)),
+        cache_saved_tokens=int(run.get("cache_saved_tokens", 0)),
     )
 
 

@@ -347,6 +347,33 @@ class State(_Strict):
         return value
 
 
+class Cache(_Strict):
+    """The model-response cache (`atlas.models.cache`): an identical request (model, settings,
+    messages, tools) is answered from the cache at no cost. Off by default; `cache: true` keeps
+    responses in `cache.db` in the state directory, `url: redis://...` shares them through Redis.
+    `$ATLAS_CACHE_URL` sets the URL (and turns the cache on) for every run of the process."""
+
+    enabled: bool = Field(False, description="Cache model responses (SQLite unless url is set)")
+    url: str | None = Field(
+        None, description="redis://[user:password@]host:6379/0, or sqlite:///path/cache.db"
+    )
+    ttl_s: float | None = Field(None, gt=0, description="Forget responses older than this")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+            ("redis://", "rediss://", "unix://", "sqlite:///")
+        ):
+            raise ValueError("must be a redis://, rediss:// or sqlite:/// URL")
+        return value
+
+
 ApprovalMode = Literal["always", "never"]
 
 
@@ -524,6 +551,7 @@ class TaskSpec(_Strict):
     alerts: Alerts = Field(default_factory=Alerts)
     approval: Approval = Field(default_factory=Approval)
     state: State = Field(default_factory=State)
+    cache: Cache = Field(default_factory=Cache)
     version: str | None = Field(
         None,
         pattern=VERSION_PATTERN,

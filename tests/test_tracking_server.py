@@ -1,5 +1,5 @@
 """The production pair: ATLAS's state in Postgres and its traces on an MLflow tracking server
-(backend store in the same Postgres, proxied artifacts, basic auth with credentials from the
+(backend store in the same Postgres, proxied artifacts in S3, basic auth with credentials from the
 environment). A dry run is SIGKILLed mid-run and resumed; the trace read back from the server
 has its spans and assessments; no password lands anywhere a run writes."""
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EXAMPLES, MLFLOW_ADMIN, PG_PASSWORD, atlas_cli
+from tests.conftest import EXAMPLES, MLFLOW_ADMIN, PG_PASSWORD, S3_KEYS, atlas_cli, s3_objects
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,11 @@ def _client(url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_sigkill_and_resume_with_postgres_state_and_an_mlflow_server(
-    postgres_url: str, mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str,
+    mlflow_server: str,
+    s3_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     shutil.copytree(EXAMPLES / "quickstart", tmp_path / "quickstart")
     task = tmp_path / "quickstart" / "task.yaml"
@@ -111,13 +115,19 @@ def test_sigkill_and_resume_with_postgres_state_and_an_mlflow_server(
     assert mlflow_run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert "plan.json" in artifacts, artifacts
+    # ... and are stored in the S3 bucket behind it (SeaweedFS standing in for MinIO), which
+    # only the server has keys for.
+    stored = s3_objects(s3_server)
+    assert any(k.endswith(f"{mlflow_run.info.run_id}/artifacts/plan.json") for k in stored), stored[
+        :20
+    ]
 
     story = atlas_cli("trace", record["run_id"], "--state-dir", str(state), env=_env(postgres_url))
     assert story.returncode == 0, story.stderr
     assert "verdict: passed" in story.stdout
 
     # No password in anything the run printed or wrote.
-    secrets = (PG_PASSWORD, MLFLOW_ADMIN[1])
+    secrets = (PG_PASSWORD, MLFLOW_ADMIN[1], S3_KEYS[1])
     printed = resumed.stdout + resumed.stderr + story.stdout + story.stderr
     assert not any(s in printed for s in secrets)
     for path in [p for p in state.rglob("*") if p.is_file()]:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from atlas.context import RunContext
 from atlas.errors import ModelConfigError
 from atlas.graph.events import emit
+from atlas.models.cache import hit_of, keyed, request_key
 from atlas.models.resilience import Notice, Sleep, attempts
 from atlas.models.usage import Usage, call_usage
 from atlas.spec import ModelSpec
@@ -155,10 +156,31 @@ def _finish(
     meta: dict[str, Any] = dict(result.message.usage_metadata or {})
     inp, outp = int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0))
     cost = ctx.budget.release(model=label, input_tokens=inp, output_tokens=outp, number=number)
+    cached = hit_of(message)
+    if cached is not None:
+        attributes = {"role": call.role, "model": label, **cached}
+        attributes.pop("hit", None)
+        ctx.tracer.event("cache_hit", attributes)
     result.usage = call_usage(
-        model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost
+        model=label, team=call.team, input_tokens=inp, output_tokens=outp, cost=cost, cached=cached
     )
     return result
+
+
+def _cache_key(ctx: RunContext, spec: ModelSpec, call: ModelCall) -> str | None:
+    """The request's key in the model-response cache, or None when the run has no cache."""
+    if ctx.models.response_cache is None:
+        return None
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    shape = {
+        "tools": [convert_to_openai_tool(t) for t in call.tools or ()],
+        "tool_choice": call.tool_choice,
+        "schema": call.schema.model_json_schema() if call.schema is not None else None,
+        "max_tokens": call.max_tokens,
+    }
+    model = spec.model_dump_json(exclude={"fallbacks", "max_retries", "timeout_s"})
+    return request_key(model, shape, _messages_for(spec.provider, call))
 
 
 def _deadline(ctx: RunContext) -> float | None:
@@ -189,9 +211,10 @@ def run_model(ctx: RunContext, call: ModelCall, config: RunnableConfig | None = 
                     model = ctx.models.resolve(step.spec)
                     runnable = _runnable(model, step.spec, call, _call_timeout(ctx, step.spec))
                     messages = _messages_for(step.spec.provider, call)
-                    out = runnable.invoke(
-                        messages, config=_config(call, config, public_model(step.spec.model))
-                    )
+                    with keyed(_cache_key(ctx, step.spec, call)):
+                        out = runnable.invoke(
+                            messages, config=_config(call, config, public_model(step.spec.model))
+                        )
                 except Exception as exc:
                     step = plan.send(exc)
                     continue
@@ -226,12 +249,15 @@ async def arun_model(
                     timeout = _call_timeout(ctx, step.spec)
                     runnable = _runnable(model, step.spec, call, timeout)
                     messages = _messages_for(step.spec.provider, call)
-                    pending = runnable.ainvoke(
-                        messages, config=_config(call, config, public_model(step.spec.model))
-                    )
-                    # The SDK's own timeout bounds the request; this also bounds a model that
-                    # does its own waiting (a test double, a slow client-side step).
-                    out = await asyncio.wait_for(pending, None if timeout is None else timeout + 5)
+                    with keyed(_cache_key(ctx, step.spec, call)):
+                        pending = runnable.ainvoke(
+                            messages, config=_config(call, config, public_model(step.spec.model))
+                        )
+                        # The SDK's own timeout bounds the request; this also bounds a model
+                        # that does its own waiting (a test double, a slow client-side step).
+                        out = await asyncio.wait_for(
+                            pending, None if timeout is None else timeout + 5
+                        )
                 except Exception as exc:
                     step = plan.send(exc)
                     continue

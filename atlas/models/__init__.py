@@ -25,6 +25,7 @@ from atlas.tracing.redact import (
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
+    from atlas.models.cache import ResponseCache
     from atlas.spec import TaskSpec
 
 KEY_DEFAULTS = (
@@ -126,6 +127,8 @@ class ModelRoles:
     spec: TaskSpec
     override: str | None = None
     """`--model` from the command line: replaces every role's model."""
+    response_cache: ResponseCache | None = None
+    """The model-response cache every model of the run answers from (`cache:`), or None."""
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
     _servers: list[Any] = field(default_factory=list)
 
@@ -153,7 +156,10 @@ class ModelRoles:
     def resolve(self, spec: ModelSpec) -> BaseChatModel:
         key = spec.model_dump_json()
         if key not in self._cache:
-            self._cache[key] = resolve_model(spec, self._servers)
+            model = resolve_model(spec, self._servers)
+            if self.response_cache is not None:
+                model.cache = self.response_cache
+            self._cache[key] = model
         return self._cache[key]
 
     def provider(self, role: str) -> str:
@@ -166,6 +172,8 @@ class ModelRoles:
         servers, self._servers = self._servers, []
         for server in servers:
             release(server)
+        if self.response_cache is not None:
+            self.response_cache.close()
 
     def label(self, role: str) -> str:
         """The role's model as it may be shown and stored (`public_model`: no secrets)."""

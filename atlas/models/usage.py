@@ -8,14 +8,27 @@ Usage = dict[str, dict[str, Any]]
 """Scope ("run", "team:research", "model:openai:gpt-4o") -> counters.
 
 Counters: `input_tokens`, `output_tokens`, `calls`, and `cost_usd` only when every priced call in
-that scope had a known price (`cost_unknown_calls` counts the others).
+that scope had a known price (`cost_unknown_calls` counts the others). Calls answered from the
+model-response cache also count `cache_hits` and `cache_saved_tokens` (what the original call
+used); their own tokens are zero.
 """
 
 
 def call_usage(
-    *, model: str, team: str | None, input_tokens: int, output_tokens: int, cost: float | None
+    *,
+    model: str,
+    team: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float | None,
+    cached: dict[str, Any] | None = None,
 ) -> Usage:
     one: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens, "calls": 1}
+    if cached is not None:
+        one["cache_hits"] = 1
+        one["cache_saved_tokens"] = int(cached.get("saved_input_tokens", 0)) + int(
+            cached.get("saved_output_tokens", 0)
+        )
     if cost is None:
         one["cost_unknown_calls"] = 1
     else:

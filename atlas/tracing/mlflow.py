@@ -923,6 +923,9 @@ class MlflowTrace:
         }
         if "cost_usd" in run and not run.get("cost_unknown_calls"):
             metrics["cost_usd"] = float(run["cost_usd"])
+        if run.get("cache_hits"):
+            metrics["cache_hits"] = int(run["cache_hits"])
+            metrics["cache_saved_tokens"] = int(run.get("cache_saved_tokens", 0))
         if verdict and verdict.get("score") is not None:
             metrics["judge_score"] = float(verdict["score"])
         self._metrics = metrics
