@@ -312,11 +312,30 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     )
 
 
-def _resolve_run(args: argparse.Namespace) -> Any:
-    """The run `args.run_id` names (an id or a unique prefix), saying so when it was a prefix."""
-    from atlas.runs import matched_prefix, run_store, state_dir
+def _find_run(args: argparse.Namespace) -> Any:
+    """The run `args.run_id` names (an id or a unique prefix)."""
+    from atlas.errors import RunNotFound
+    from atlas.runs import run_store, state_dir
+    from atlas.runs_postgres import STATE_URL_ENV, url_of_local_run
 
-    record = run_store(state_dir(args.state_dir)).resolve(args.run_id)
+    directory = state_dir(args.state_dir)
+    try:
+        return run_store(directory).resolve(args.run_id)
+    except RunNotFound:
+        # A run whose task file put its state in Postgres (`state.url`): found through the
+        # note in its local folder; the command then reads and writes that store throughout.
+        url = None if os.environ.get(STATE_URL_ENV) else url_of_local_run(directory, args.run_id)
+        if url is None:
+            raise
+        os.environ[STATE_URL_ENV] = url
+        return run_store(directory, url).resolve(args.run_id)
+
+
+def _resolve_run(args: argparse.Namespace) -> Any:
+    """`_find_run`, saying so when the id was a prefix."""
+    from atlas.runs import matched_prefix
+
+    record = _find_run(args)
     note = matched_prefix(args.run_id, record)
     if note:
         print(f"atlas: {note}", file=sys.stderr)
@@ -546,11 +565,11 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from atlas.runs import run_store, state_dir
+    from atlas.runs import state_dir
     from atlas.tracing.story import render, story_for_record
 
     directory = state_dir(args.state_dir)
-    record = run_store(directory).resolve(args.run_id)
+    record = _find_run(args)
     if record.run_id != args.run_id:
         print(f"atlas: run {record.run_id} (matched prefix {args.run_id})", file=sys.stderr)
     story = story_for_record(record, directory, tracking_uri=args.tracking_uri)

@@ -19,10 +19,12 @@ URL's password never appears in records, traces or messages (`public_url`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.errors import AmbiguousRun, RunLocked, RunNotFound, SpecError, StateError
@@ -83,6 +85,50 @@ def state_url(spec: Any = None) -> str | None:
         return check_url(url)
     given = getattr(getattr(spec, "state", None), "url", None)
     return check_url(given, "state.url") if given else None
+
+
+STATE_NOTE = "state.json"
+"""In a run's local folder, when its state URL came from its task file (`state.url`) and not
+the environment: the task file's path, so `resume`, `approve` and `approvals` find the run in
+Postgres with no URL given. The URL itself (and its password) is never written there."""
+
+
+def note_task_state(run_dir: Path, task_file: str | None) -> None:
+    import json
+
+    note = {"state": "postgres", "task_file": str(Path(task_file).resolve()) if task_file else None}
+    (run_dir / STATE_NOTE).write_text(json.dumps(note))
+
+
+def url_of_local_run(directory: Path, run_id: str) -> str | None:
+    """The state URL of a run started on this host whose task file named it (`state.url`), for
+    commands that get only a run id; None when no such run is here. The id may be a prefix of
+    one run's id. A run started by the API (no task file) needs `$ATLAS_STATE_URL`."""
+    import json
+
+    from atlas.spec import load_task
+
+    runs = directory / "runs"
+    if not run_id.strip() or not runs.is_dir():
+        return None
+    found = [p for p in runs.glob(f"{glob.escape(run_id)}*/{STATE_NOTE}") if p.is_file()]
+    exact = [p for p in found if p.parent.name == run_id]
+    if len(exact or found) != 1:
+        return None
+    try:
+        task_file = json.loads((exact or found)[0].read_text()).get("task_file")
+    except (OSError, ValueError):
+        return None
+    if not task_file:
+        raise StateError(
+            f"run {run_id!r} keeps its state in Postgres: set {STATE_URL_ENV} (or --state-url)"
+        )
+    if not Path(task_file).is_file():
+        raise StateError(
+            f"run {run_id!r} keeps its state in Postgres as {task_file} said, which is gone: "
+            f"set {STATE_URL_ENV} (or --state-url)"
+        )
+    return state_url(load_task(task_file))
 
 
 def _problem(url: str, exc: BaseException) -> StateError:

@@ -305,7 +305,7 @@ class Session:
         """Set the run up: its context (models resolved, stores and tools open), its tracer,
         and its record (`running`). Anything that fails here fails before any model call."""
         begun = time.perf_counter() if begun is None else begun
-        from atlas.runs_postgres import state_url
+        from atlas.runs_postgres import STATE_URL_ENV, note_task_state, state_url
 
         url = state_url(spec)
         store = run_store(directory, url)
@@ -319,6 +319,8 @@ class Session:
             if task_file and hasattr(trace, "task_file"):
                 trace.task_file = task_file  # the criteria's expectation is credited to it
             if not resumed:
+                if url and not os.environ.get(STATE_URL_ENV):
+                    note_task_state(ctx.run_dir, task_file)
                 record = new_record(ctx, model, task_file)
                 # Where the trace goes, known from the start: a resume after a kill (which
                 # never wrote the summary) continues on the same tracking server.

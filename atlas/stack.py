@@ -77,12 +77,16 @@ def check_tracking(spec: Any, state_dir: Path, tracking_uri: str | None) -> Part
     if not spec.tracing.enabled:
         return PartCheck("tracking", "-", note="off (tracing.enabled: false)")
     uri = choose_uri(spec, state_dir, tracking_uri)
-    local = local_uri(state_dir)
-    problem = store_problem(uri, local, spec.tracing.experiment or DEFAULT_EXPERIMENT)
+    if uri == local_uri(state_dir):
+        # The state directory's own store: doctor's file checks look at mlflow.db (and can
+        # move a corrupt one aside).
+        return PartCheck("tracking", public_url(uri), note="embedded")
+    problem = store_problem(
+        uri, local_uri(state_dir), spec.tracing.experiment or DEFAULT_EXPERIMENT
+    )
     if problem:
         problem += "; runs would trace to the local store instead"
-    note = "embedded" if uri == local else "ok"
-    return PartCheck("tracking", public_url(uri), problem, note)
+    return PartCheck("tracking", public_url(uri), problem)
 
 
 def check_memory(spec: Any, state_dir: Path) -> list[PartCheck]:

@@ -50,9 +50,15 @@ def test_sigkill_and_resume_with_postgres_state_and_an_mlflow_server(
 ) -> None:
     shutil.copytree(EXAMPLES / "quickstart", tmp_path / "quickstart")
     task = tmp_path / "quickstart" / "task.yaml"
+    # Both servers given by the task file: only the MLflow credentials come from the
+    # environment, and `resume` gets nothing but the run id.
+    with task.open("a") as fh:
+        fh.write(f"\nstate:\n  url: {postgres_url}\ntracing:\n  tracking_uri: {mlflow_server}\n")
     log = tmp_path / "calls.jsonl"
-    env = {**os.environ, **_env(postgres_url)}
+    credentials = {k: v for k, v in _env(postgres_url).items() if k != "ATLAS_STATE_URL"}
+    env = {**os.environ, **credentials}
     env.pop("OPENAI_API_KEY", None)
+    env.pop("ATLAS_STATE_URL", None)
     state = tmp_path / "state"
     command = [
         sys.executable,
@@ -63,8 +69,6 @@ def test_sigkill_and_resume_with_postgres_state_and_an_mlflow_server(
         "--quiet",
         "--model",
         f"scripted?latency_ms=150&call_log={log}",
-        "--tracking-uri",
-        mlflow_server,
         "--state-dir",
         str(state),
     ]
@@ -86,7 +90,7 @@ def test_sigkill_and_resume_with_postgres_state_and_an_mlflow_server(
     before = len(log.read_text().splitlines())
 
     resumed = atlas_cli(
-        "resume", record["run_id"], "--json", "--state-dir", str(state), env=_env(postgres_url)
+        "resume", record["run_id"], "--json", "--state-dir", str(state), env=credentials
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])

