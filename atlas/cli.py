@@ -138,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_doctor(sub, state)
 
+    from atlas.models.cache import add_parser as add_cache
+
+    add_cache(sub, state)
+
     tools = sub.add_parser(
         "tools", help="list the tools each worker of a task gets, with their schemas"
     )
@@ -589,6 +593,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from atlas.models.cache import run
+
+    return run(args)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from atlas.doctor import run
 
@@ -613,5 +623,6 @@ _COMMANDS = {
     "ui": _cmd_ui,
     "memory": _cmd_memory,
     "doctor": _cmd_doctor,
+    "cache": _cmd_cache,
     "tools": _cmd_tools,
 }

@@ -120,6 +120,14 @@ def test_a_redis_cache_is_shared_across_state_dirs_and_keeps_no_password(
     # Requests are stored under their hash, never their text.
     assert all(len(k.decode().removeprefix("atlas:cache:")) == 64 for k in keys)
 
+    # `atlas cache` counts and forgets them, naming the server without its password.
+    stats = atlas_cli("cache", "stats", env=env)
+    assert stats.returncode == 0 and f"{len(keys)} responses" in stats.stdout
+    cleared = atlas_cli("cache", "clear", env=env)
+    assert cleared.returncode == 0 and f"forgot {len(keys)} responses" in cleared.stdout
+    assert REDIS_PASSWORD not in stats.stdout + cleared.stdout
+    assert client.keys("atlas:cache:*") == []
+
 
 @pytest.mark.e2e
 def test_an_unreachable_or_bad_cache_fails_in_one_line_before_any_model_call(

@@ -110,6 +110,13 @@ class _Store:
     def check(self) -> None:
         """Raise CacheError when the store cannot be used."""
 
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def clear(self) -> int:
+        """Forget every response; returns how many there were."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -158,6 +165,17 @@ class SqliteStore(_Store):
             )
             db.commit()
 
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db().execute("SELECT count(*) FROM responses").fetchone()[0])
+
+    def clear(self) -> int:
+        with self._lock:
+            db = self._db()
+            gone = db.execute("DELETE FROM responses").rowcount
+            db.commit()
+            return int(gone)
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -192,6 +210,24 @@ class RedisStore(_Store):
     def put(self, key: str, value: str) -> None:
         ttl = None if self.ttl_s is None else max(1, int(self.ttl_s))
         self.client.set(_REDIS_PREFIX + key, value, ex=ttl)
+
+    def _keys(self) -> Iterator[Any]:
+        return iter(self.client.scan_iter(match=_REDIS_PREFIX + "*", count=1000))
+
+    def count(self) -> int:
+        return sum(1 for _ in self._keys())
+
+    def clear(self) -> int:
+        gone = 0
+        batch: list[Any] = []
+        for key in self._keys():
+            batch.append(key)
+            if len(batch) >= 1000:
+                gone += int(self.client.delete(*batch))
+                batch = []
+        if batch:
+            gone += int(self.client.delete(*batch))
+        return gone
 
     def close(self) -> None:
         self.client.close()
@@ -276,7 +312,7 @@ class ResponseCache(BaseCache):
             self._broken(exc)
 
     def clear(self, **kwargs: Any) -> None:
-        raise NotImplementedError("clear the cache with `atlas cache clear`")
+        self.store.clear()
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses}
@@ -317,3 +353,41 @@ def for_spec(spec: Any, state_dir: Path) -> ResponseCache | None:
     store = open_store(url, state_dir, spec.cache.ttl_s)
     store.check()
     return ResponseCache(store, public_url(url) if url else str(state_dir / CACHE_FILE))
+
+
+def add_parser(sub: Any, state: Any) -> None:
+    cache = sub.add_parser("cache", help="the model-response cache: how many answers, forget them")
+    cache.add_argument("action", choices=("stats", "clear"))
+    cache.add_argument(
+        "file", nargs="?", metavar="TASK", help="task YAML file (default: $ATLAS_CACHE_URL)"
+    )
+    state(cache)
+
+
+def run(args: Any) -> int:
+    """`atlas cache stats|clear [TASK]`: the store the task (or `$ATLAS_CACHE_URL`, else the
+    state directory's cache.db) uses."""
+    from atlas.runs import state_dir
+    from atlas.spec import load_task
+
+    directory = state_dir(args.state_dir)
+    spec = load_task(args.file) if args.file else None
+    url = cache_url(spec)
+    where = public_url(url) if url else str(directory / CACHE_FILE)
+    if url is None and not (directory / CACHE_FILE).exists():
+        print(f"cache: {where}: no cache yet (0 responses)")
+        return 0
+    store = open_store(url, directory)
+    try:
+        store.check()
+        if args.action == "clear":
+            print(f"cache: {where}: forgot {store.clear()} responses")
+        else:
+            print(f"cache: {where}: {store.count()} responses")
+    except CacheError:
+        raise
+    except Exception as exc:
+        raise CacheError(f"cache: {where}: {scrub_text(str(exc), secret_values())}") from None
+    finally:
+        store.close()
+    return 0
