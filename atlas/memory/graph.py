@@ -1,9 +1,11 @@
 """Graph memory: entities and their relations, with where each was found.
 
 Two backends speak the same Cypher (the statements below): LadybugDB, an embedded Cypher
-database (a maintained fork of Kuzu) stored under the memory directory, by default; Neo4j through
-its official driver when a `bolt://` or `neo4j://` URI is configured. Only schema creation and
-the conversion of returned paths differ.
+database (a maintained fork of Kuzu) stored under the memory directory, by default; a Bolt server
+through Neo4j's official driver when a `bolt://` or `neo4j://` URI is configured: Neo4j, or
+FalkorDB (`bolt://` only: its routing table names port 7687 whatever port it listens on). Only
+schema creation and the conversion of returned paths differ, and on FalkorDB how parameters and
+transactions travel (`BoltServer` says how).
 
 The model:
 
@@ -660,8 +662,11 @@ class Neo4jBackend:
             self.server = identify(self.driver, self.database)
         except Exception as exc:
             self.close()
+            hint = ""
+            if parts.scheme.startswith("neo4j"):  # FalkorDB's routing table names port 7687
+                hint = "; for one server, or FalkorDB, use bolt://"
             raise MemoryStoreError(
-                f"cannot reach the Neo4j server at {self.where}: {_first_line(exc)}"
+                f"cannot reach the Neo4j server at {self.where} ({_first_line(exc)}{hint})"
             ) from None
         if not self.server.databases and self.database not in (None, FALKORDB_GRAPH):
             self.close()
@@ -773,8 +778,12 @@ def _from_driver(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return str(message).splitlines()[0][:200]
+    """The driver's message in one short line: a refused connection's reason is on its second."""
+    text = str(getattr(exc, "message", None) or exc or type(exc).__name__)
+    reason = re.search(r"\(reason ([^)]*)\)", text)
+    if reason:
+        return reason.group(1)[:200]
+    return (text.strip().splitlines() or [""])[0].rstrip(":")[:200]
 
 
 def _has_graph_values(record: Any) -> bool:
