@@ -142,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_cache(sub, state)
 
+    from atlas.batch.cli import add_parser as add_batch
+
+    add_batch(sub, state)
+
     tools = sub.add_parser(
         "tools", help="list the tools each worker of a task gets, with their schemas"
     )
@@ -593,6 +597,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from atlas.batch.cli import run
+
+    return run(args)
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from atlas.models.cache import run
 
@@ -624,5 +634,6 @@ _COMMANDS = {
     "memory": _cmd_memory,
     "doctor": _cmd_doctor,
     "cache": _cmd_cache,
+    "batch": _cmd_batch,
     "tools": _cmd_tools,
 }

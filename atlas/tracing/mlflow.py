@@ -813,7 +813,7 @@ class MlflowTrace:
                 if model_id:
                     metadata[TraceMetadataKey.MODEL_ID] = model_id
                 own = {
-                    "tags": {"atlas.run_id": ctx.run_id},
+                    "tags": {"atlas.run_id": ctx.run_id, **batch_tags()},
                     "metadata": metadata,
                     "experiment_id": self.experiment_id,
                 }
@@ -1090,12 +1090,25 @@ def _title(spec: TaskSpec) -> str:
     return title if len(title) <= 80 else title[:79] + "…"
 
 
+BATCH_ENV = "ATLAS_BATCH_ID"
+"""Set by `atlas batch` in its workers: every run's trace and MLflow run is tagged with it."""
+
+
+def batch_tags() -> dict[str, str]:
+    batch = os.environ.get(BATCH_ENV, "").strip()
+    return {"atlas.batch_id": batch[:250]} if batch else {}
+
+
 def _open_run(client: Any, experiment_id: str, ctx: RunContext, *, resumed: bool) -> str:
     """The MLflow run for this ATLAS run: a resume continues the run its first session made
     (found by its `atlas.run_id` tag), so a killed run leaves no orphan and no duplicate."""
     from mlflow.entities import Param
 
-    tags = {"atlas.run_id": ctx.run_id, "atlas.task": ctx.spec.display_name[:250]}
+    tags = {
+        "atlas.run_id": ctx.run_id,
+        "atlas.task": ctx.spec.display_name[:250],
+        **batch_tags(),
+    }
     params = {f"model.{k}": v for k, v in ctx.models.describe().items()}
     params["teams"] = ",".join(ctx.spec.teams)
     if resumed:
