@@ -179,3 +179,44 @@ def test_bad_input_is_one_line_before_any_run(tmp_path: Path) -> None:
     assert out.returncode == 2 and "PROVIDER=N" in out.stderr
     out = atlas_cli("batch", "--resume", "batch-nope", "--state-dir", str(state))
     assert out.returncode == 2 and "no batch" in out.stderr
+
+
+def test_on_ray_a_killed_worker_is_retried_and_every_run_finishes(tmp_path: Path) -> None:
+    """A local Ray cluster started by the batch (usage stats off, no dashboard); one Ray
+    worker process is SIGKILLed mid-run: the driver resumes that run, all finish."""
+    log = tmp_path / "calls.jsonl"
+    tasks = _tasks(tmp_path, [f"scripted?latency_ms=150&call_log={log}"] * 3)
+    state = tmp_path / "state"
+    proc = _driver(tasks, state, "--executor", "ray", "--max-concurrency", "2", "--json")
+    try:
+        _wait_for(lambda: '"handoff:drafter"' in (log.read_text() if log.exists() else ""), proc,
+                  "a run reached its writing step", limit=240)  # fmt: skip
+        workers = subprocess.run(
+            ["pgrep", "-f", "^ray::run_item"], capture_output=True, text=True, check=False
+        ).stdout.split()
+        assert workers, "no Ray worker running a task"
+        os.kill(int(workers[0]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "3 tasks on ray" in err and "a Ray worker process died" in err
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["status"] for r in results] == ["passed"] * 3
+    assert any(r["resumed"] for r in results), "the retried run was started over"
+    assert len({r["trace_id"] for r in results}) == 3
+
+
+def test_a_cluster_of_several_machines_refuses_embedded_stores(tmp_path: Path) -> None:
+    from atlas.batch import Options, make_batch
+    from atlas.batch.ray import refuse_embedded
+    from atlas.errors import SpecError
+
+    (task,) = _tasks(tmp_path, ["scripted"])
+    batch = make_batch([str(task)], Options(state_dir=str(tmp_path / "s")), executor="ray")
+    with pytest.raises(SpecError) as caught:
+        refuse_embedded(batch)
+    message = str(caught.value)
+    for needed in ("ATLAS_STATE_URL", "--tracking-uri", "memory.vector_url", "memory.graph_uri"):
+        assert needed in message
+    assert "\n" not in message
