@@ -268,3 +268,33 @@ def test_no_secret_reaches_traces_logs_checkpoints_or_outputs(
     joined = " ".join(scanned)
     for part in ("mlflow.db", "checkpoints", "memory/chroma", "memory/graph", ".md"):
         assert part in joined, (part, scanned)
+
+
+def test_a_run_leaves_the_callers_active_experiment_and_run_alone(
+    make_spec: Any, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that uses MLflow itself and calls ATLAS keeps its experiment and its run."""
+    import mlflow
+
+    uri = f"sqlite:///{state_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("my-app")
+    with mlflow.start_run() as mine:
+        result = atlas.run(
+            make_spec(tracing={"enabled": True}), model="scripted", state_dir_path=state_dir
+        )
+        assert mlflow.active_run().info.run_id == mine.info.run_id
+        assert mlflow.get_experiment(mine.info.experiment_id).name == "my-app"
+        mlflow.log_metric("app_metric", 1.0)
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    assert mlflow.get_experiment(_get_experiment_id()).name == "my-app"
+    client = mlflow.MlflowClient(uri)
+    trace = client.get_trace(result.trace_id)
+    assert client.get_experiment(trace.info.experiment_id).name == "atlas"
+    # The trace's response is the work itself, not only where it was written.
+    import json
+
+    assert json.loads(trace.data.response)["text"] == Path(result.output).read_text()
+    assert client.get_run(mine.info.run_id).data.metrics == {"app_metric": 1.0}

@@ -944,6 +944,9 @@ class MlflowTrace:
                 root.set_attributes(attrs)
                 root.set_outputs(
                     {
+                        # The text first: the trace's response (and its preview in the UI, and
+                        # what `mlflow.genai.evaluate` scorers get as `outputs`) is the work.
+                        "text": _output_text(values.get("output_path")),
                         "status": values.get("status"),
                         "output": values.get("output_path"),
                         "stop_reason": values.get("stop_reason"),
@@ -1088,6 +1091,23 @@ def _title(spec: TaskSpec) -> str:
     """The trace's name in MLflow's lists: the task's short title."""
     title = " ".join(spec.display_name.split())
     return title if len(title) <= 80 else title[:79] + "…"
+
+
+OUTPUT_TEXT_CAP = 20_000
+"""Characters of the output kept in the trace's response (the file keeps all of it)."""
+
+
+def _output_text(path: Any) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read(OUTPUT_TEXT_CAP + 1)
+    except OSError:
+        return None
+    if len(text) > OUTPUT_TEXT_CAP:
+        return text[:OUTPUT_TEXT_CAP] + f"\n[... cut at {OUTPUT_TEXT_CAP} characters; see {path}]"
+    return text
 
 
 BATCH_ENV = "ATLAS_BATCH_ID"
@@ -1424,7 +1444,8 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
                 experiment_id = again.experiment_id
         else:
             experiment_id = found.experiment_id
-        mlflow.set_experiment(experiment_id=experiment_id)
+        # No mlflow.set_experiment: the caller's active experiment stays theirs; every span,
+        # run and model of ATLAS names its experiment explicitly.
     _ready[key] = experiment_id
     _current[0] = key
     if not _autologged:
