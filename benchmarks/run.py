@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads
+from benchmarks.batch import bench_batch
 from benchmarks.first_event import bench_first_event
 from benchmarks.memory import bench_memory
 
@@ -350,6 +351,7 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "memory": lambda a: bench_memory(a.rounds),
     "mcp_tool": lambda a: bench_mcp_tool(),
     "first_event": lambda a: bench_first_event(),
+    "batch": lambda a: bench_batch(1, 100),
 }
 
 
