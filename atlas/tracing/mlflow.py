@@ -1412,6 +1412,23 @@ def _bound_sql_retries() -> None:
         utils.MAX_RETRY_COUNT = SQL_OPEN_TRIES
 
 
+_atlas_experiment: list[tuple[str, str] | None] = [None]
+"""The active experiment ATLAS set itself (the process had chosen none), if any: (store, id),
+as ids repeat across stores."""
+
+
+def _caller_chose_experiment(uri: str) -> bool:
+    """Whether the process's active experiment is someone else's choice than ATLAS's."""
+    from mlflow.tracking import fluent
+
+    active = getattr(fluent, "_active_experiment_id", None)
+    if active is not None and (uri, str(active)) == _atlas_experiment[0]:
+        return False
+    return bool(
+        active or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    )
+
+
 def _setup(uri: str, experiment: str, state_dir: Path) -> str:
     """Point MLflow at the store and experiment (get-or-create), once per process and store."""
     import mlflow
@@ -1424,6 +1441,7 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
 
     # Serialises first creation of the sqlite store across processes (schema migrations race).
     with file_lock(state_dir / "mlflow.lock"):
+        before = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient(uri)
         if uri.startswith("sqlite:///"):
@@ -1444,8 +1462,13 @@ def _setup(uri: str, experiment: str, state_dir: Path) -> str:
                 experiment_id = again.experiment_id
         else:
             experiment_id = found.experiment_id
-        # No mlflow.set_experiment: the caller's active experiment stays theirs; every span,
-        # run and model of ATLAS names its experiment explicitly.
+        # Every span, run and model of ATLAS names its experiment explicitly, so a caller's
+        # active experiment stays theirs. Only a process that chose none gets ATLAS's, for
+        # the traces MLflow's autolog starts itself (an embedded graph's `invoke`): they would
+        # otherwise go to the Default experiment, whose artifacts MLflow keeps in ./mlruns.
+        if not _caller_chose_experiment(before):
+            mlflow.set_experiment(experiment_id=experiment_id)
+            _atlas_experiment[0] = (uri, str(experiment_id))
     _ready[key] = experiment_id
     _current[0] = key
     if not _autologged:
