@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+# The graph server (FalkorDB over Bolt) fixture lives in its own module.
+pytest_plugins = ["tests.graph_server"]
+
 # CI replays the same fuzzed inputs on every run (a red build must be reproducible); local runs
 # draw new ones each time, and hypothesis remembers any failure it finds in .hypothesis/.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -40,8 +40,6 @@ from atlas.memory.graph import (
 from atlas.memory.store import Memory, finding_records
 from tests.conftest import EXAMPLES, atlas_cli, free_port
 
-pytest_plugins = ["tests.graph_server"]  # the falkordb_server fixture
-
 OpenMemory = Callable[..., Memory]
 
 
@@ -506,6 +504,11 @@ def test_memory_commands_on_the_server(falkordb_server: str, tmp_path: Path) -> 
     path = atlas_cli("memory", "graph", "ACME", "--to", "oslo", *server, *store)
     assert path.returncode == 0, path.stderr
     assert path.stdout.strip() == "ACME -[supplies]- Northwind -[is based in]- Oslo"
+    # `graph` reads only the server: no local memory folder is needed for it.
+    elsewhere = ["--store", str(tmp_path / "no-such-folder")]
+    path = atlas_cli("memory", "graph", "ACME", "--to", "oslo", *server, *elsewhere)
+    assert path.returncode == 0, path.stderr
+    assert not (tmp_path / "no-such-folder").exists()
 
     stats = atlas_cli("memory", "stats", "--json", *server, *store)
     assert stats.returncode == 0, stats.stderr

@@ -1,5 +1,6 @@
 """`atlas doctor TASK` over the production stack: one line per configured server, each really
-reached (Postgres state, the MLflow server with basic auth, a Chroma server, Redis), a broken part
+reached (Postgres state, the MLflow server with basic auth, a Chroma server, the graph
+server, Redis), a broken part
 named on its line, exit 1, and no password printed."""
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ def _lines(stdout: str) -> dict[str, str]:
 
 
 def test_doctor_checks_every_configured_server_in_one_line_each(
-    tmp_path: Path, postgres_url: str, mlflow_server: str, redis_server: str, chroma_server: str
+    tmp_path: Path,
+    postgres_url: str,
+    mlflow_server: str,
+    redis_server: str,
+    chroma_server: str,
+    falkordb_server: str,
 ) -> None:
     task = _task(
         tmp_path,
         state={"url": postgres_url},
         tracing={"tracking_uri": mlflow_server},
         cache={"url": redis_server},
-        memory={"vector_url": chroma_server},
+        memory={"vector_url": chroma_server, "graph_uri": falkordb_server},
     )
     env = {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN[0], "MLFLOW_TRACKING_PASSWORD": MLFLOW_ADMIN[1]}
     state = tmp_path / "state"
@@ -55,7 +61,7 @@ def test_doctor_checks_every_configured_server_in_one_line_each(
     assert lines["tracking"].endswith(f"{mlflow_server}: ok")
     assert lines["cache"].endswith(": ok") and "127.0.0.1" in lines["cache"]
     assert lines["vector memory"].endswith(f"{chroma_server}: ok")
-    assert "embedded" in lines["graph memory"]
+    assert lines["graph memory"].endswith(f"{falkordb_server}: ok")
 
     # After a run, the state's tables are there.
     ran = atlas_cli("run", str(task), "--model", "scripted", "--state-dir", str(state), env=env)
@@ -71,7 +77,10 @@ def test_doctor_checks_every_configured_server_in_one_line_each(
         state={"url": postgres_url.replace(PG_PASSWORD, "wrong-pg-pw")},
         tracing={"tracking_uri": mlflow_server},
         cache={"url": redis_server.replace(REDIS_PASSWORD, "wrong-redis-pw")},
-        memory={"vector_url": f"http://127.0.0.1:{free_port()}"},
+        memory={
+            "vector_url": f"http://127.0.0.1:{free_port()}",
+            "graph_uri": f"bolt://127.0.0.1:{free_port()}",
+        },
     )
     out = atlas_cli("doctor", str(bad), "--state-dir", str(state), env=wrong)
     assert out.returncode == 1, out.stdout + out.stderr
@@ -79,7 +88,7 @@ def test_doctor_checks_every_configured_server_in_one_line_each(
     assert "FAILED" in lines["state"] and "password authentication failed" in lines["state"]
     assert "FAILED" in lines["tracking"] and "refused the credentials" in lines["tracking"]
     assert "FAILED" in lines["cache"]
-    assert "FAILED" in lines["vector memory"]
+    assert "FAILED" in lines["vector memory"] and "FAILED" in lines["graph memory"]
     printed = out.stdout + out.stderr
     for secret in (
         PG_PASSWORD,

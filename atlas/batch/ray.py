@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -24,8 +26,14 @@ class RayUnavailable(AtlasError):
     exit_code = 2
 
 
-def _ray() -> Any:
+def _ray(local: bool) -> Any:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local and "ray" not in sys.modules and not os.environ.get("RAY_AUTH_TOKEN"):
+        # Ray's servers listen on every interface; its token is what keeps others out. A
+        # fresh one per local cluster, in the environment (its workers inherit it), instead of
+        # the file Ray would otherwise leave in ~/.ray. Set before Ray is imported.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     try:
         import ray
     except ImportError:
@@ -35,7 +43,7 @@ def _ray() -> Any:
 
 class RayExecutor:
     def __init__(self, batch: Batch, address: str | None = None, workers: int | None = None):
-        ray = self.ray = _ray()
+        ray = self.ray = _ray(local=not address)
         self.batch = batch
         self._owned = not ray.is_initialized()
         if self._owned:
@@ -52,6 +60,8 @@ class RayExecutor:
                         # (ray.init() alone would join the one `ray start` left running)
                         address="local",
                         num_cpus=workers or os.cpu_count() or 1,
+                        # Runs pass a few kilobytes through it: not 30% of the memory.
+                        object_store_memory=256 * 2**20,
                         include_dashboard=False,
                         log_to_driver=False,
                         configure_logging=False,

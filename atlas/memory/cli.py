@@ -99,7 +99,14 @@ def _open(args: argparse.Namespace, *, create: bool) -> Any:
             "underscores, starting and ending with a letter or digit"
         )
     graph_command = args.memory_command == "graph"
-    local = not args.vector_url or (graph_command and not args.graph_uri)
+    # Whether the command reads an embedded store in the directory: `graph` reads only the
+    # graph store, the others the vector store (and `stats`/`clear` both).
+    if graph_command:
+        local = not args.graph_uri
+    else:
+        local = not args.vector_url or (
+            args.memory_command in ("stats", "clear") and not args.graph_uri
+        )
     if local and not create and not directory.is_dir():
         raise MemoryInputError(
             f"no memory store at {directory} (create one with `python -m atlas memory ingest` "
