@@ -138,13 +138,17 @@ def _parser() -> argparse.ArgumentParser:
 
     add_doctor(sub, state)
 
-    from atlas.models.cache import add_parser as add_cache
+    from atlas.models.cache_cli import add_parser as add_cache
 
     add_cache(sub, state)
 
     from atlas.batch.cli import add_parser as add_batch
 
     add_batch(sub, state)
+
+    from atlas.eval.cli import add_parser as add_eval
+
+    add_eval(sub, state)
 
     tools = sub.add_parser(
         "tools", help="list the tools each worker of a task gets, with their schemas"
@@ -597,6 +601,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from atlas.eval.cli import run
+
+    return run(args)
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from atlas.batch.cli import run
 
@@ -604,7 +614,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from atlas.models.cache import run
+    from atlas.models.cache_cli import run
 
     return run(args)
 
@@ -635,5 +645,6 @@ _COMMANDS = {
     "doctor": _cmd_doctor,
     "cache": _cmd_cache,
     "batch": _cmd_batch,
+    "eval": _cmd_eval,
     "tools": _cmd_tools,
 }

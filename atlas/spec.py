@@ -888,8 +888,17 @@ def json_schema() -> dict[str, Any]:
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_task(path: str | os.PathLike[str], *, known_teams: list[str] | None = None) -> TaskSpec:
-    """Read, validate and resolve a task file. Every failure is a one-line `SpecError`."""
+def load_task(
+    path: str | os.PathLike[str],
+    *,
+    known_teams: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TaskSpec:
+    """Read, validate and resolve a task file. Every failure is a one-line `SpecError`.
+
+    `overrides` are merged into the file's fields before validation (mappings key by key, so
+    `{"budget": {"max_iterations": 2}}` keeps the file's other budget settings): how an
+    evaluation's variant changes a task without a copy of its file."""
     file = Path(path)
     shown = str(path)
     if not file.exists():
@@ -917,9 +926,22 @@ def load_task(path: str | os.PathLike[str], *, known_teams: list[str] | None = N
         raise SpecError("not valid YAML", file=shown) from None
     if data is None:
         raise SpecError("file is empty; expected a mapping with at least 'task'", file=shown)
+    if overrides and isinstance(data, dict):
+        data = merge_fields(data, overrides)
     spec = _validate(data, file.resolve().parent, source=shown)
     check_inputs(spec, source=shown, known_teams=known_teams, task_file=file)
     return spec
+
+
+def merge_fields(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with `overrides` merged in: nested mappings key by key, everything else replaced."""
+    out = dict(data)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_fields(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _validate(data: Any, base_dir: Path, *, source: str) -> TaskSpec:

@@ -38,6 +38,9 @@ def _client(url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     # A trace whose spans are read from its artifact resolves `mlflow-artifacts:` through the
     # process's tracking URI.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    # ... and so does MLflow's process-wide URI, which an earlier test of this process may
+    # have set (it wins over the environment).
+    mlflow.set_tracking_uri(url)
     return mlflow.MlflowClient(url)
 
 

@@ -128,8 +128,9 @@ def _trace_page_shows_both_verdicts(page: Any, url: str) -> None:
 
 
 def _overview_counts_the_tool_calls(page: Any, experiment_url: str) -> None:
-    """The experiment's Overview > Tool calls tab reads the spans from the tracking store."""
-    page.goto(experiment_url)
+    """The experiment's Dashboard > Tool calls tab reads the spans from the tracking store
+    (MLflow 3.18 moved it from the Overview, now a getting-started page, to the Dashboard)."""
+    page.goto(f"{experiment_url}/dashboard/usage?workflowType=genai")
     tab = page.get_by_text("Tool calls", exact=True).first
     tab.wait_for(timeout=60_000)
     page.wait_for_timeout(1_000)

@@ -40,6 +40,10 @@ class Item:
     result: dict[str, Any] | None = None
     """The run's summary: the same object as `atlas run --json` prints."""
     error: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Task fields changed for this run (an evaluation's variant, a template's row)."""
+    label: str = ""
+    """What the item is called in listings (default: its task file)."""
 
     @property
     def done(self) -> bool:
@@ -137,21 +141,38 @@ def new_batch_id() -> str:
     return f"batch-{new_run_id()}"
 
 
-def make_batch(task_files: Iterable[str], options: Options, *, executor: str = "local") -> Batch:
-    """A new batch over these task files, each checked first: a bad task file fails the whole
-    command in one line, before any run starts or any model call is made."""
+def make_batch(
+    task_files: Iterable[str | tuple[str, dict[str, Any], str]],
+    options: Options,
+    *,
+    executor: str = "local",
+    batch_id: str | None = None,
+) -> Batch:
+    """A new batch over these task files (or (file, overrides, label) triples), each checked
+    first: a bad task file fails the whole command in one line, before any run starts or any
+    model call is made."""
     from atlas.models import ModelRoles, check_override
     from atlas.spec import load_task
 
     if options.model:
         check_override(options.model)
-    batch_id = new_batch_id()
+    batch_id = batch_id or new_batch_id()
     items: list[Item] = []
-    for index, name in enumerate(task_files, start=1):
+    for index, entry in enumerate(task_files, start=1):
+        name, overrides, label = entry if isinstance(entry, tuple) else (entry, {}, "")
         path = Path(name)
-        spec = load_task(path)  # raises SpecError naming the file
+        spec = load_task(path, overrides=overrides)  # raises SpecError naming the file
         provider = ModelRoles(spec, override=options.model).provider("planner")
-        items.append(Item(index, str(path.resolve()), f"{batch_id}-{index:03d}", provider=provider))
+        items.append(
+            Item(
+                index,
+                str(path.resolve()),
+                f"{batch_id}-{index:03d}",
+                provider=provider,
+                overrides=dict(overrides),
+                label=label,
+            )
+        )
     if not items:
         raise SpecError("give at least one task file", field="TASKS")
     return Batch(batch_id, items, options, executor=executor)
@@ -179,7 +200,7 @@ def run_item(item: dict[str, Any], options: dict[str, Any], batch_id: str) -> di
         if record is not None and record.status in TERMINAL and record.run_id == run_id:
             return {"run_id": run_id, "status": record.status, "result": None, "error": None}
         if record is None:
-            spec = load_task(item["task_file"])
+            spec = load_task(item["task_file"], overrides=item.get("overrides") or None)
             result = atlas.run(
                 spec,
                 model=opts.model,

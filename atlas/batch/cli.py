@@ -148,7 +148,7 @@ class _Progress:
         cost = batch.cost()
         spent = "" if cost is None else f", ${cost:.4f} so far"
         head = f"[{counts['done']}/{self.total} done, {counts['running']} running{spent}]"
-        name = os.path.relpath(item.task_file)
+        name = item.label or os.path.relpath(item.task_file)
         if kind == "start":
             again = f" (attempt {item.attempts}, resuming)" if item.attempts > 1 else ""
             self._say(f"{head} start  {name}  run {item.run_id}{again}")
@@ -175,7 +175,7 @@ class _Progress:
             cost = r.get("cost_usd")
             table.add_row(
                 str(item.index),
-                os.path.relpath(item.task_file),
+                item.label or os.path.relpath(item.task_file),
                 item.status,
                 "" if r.get("score") is None else f"{r['score']:.2f}",
                 str(r.get("tokens", "")),

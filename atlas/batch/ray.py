@@ -131,7 +131,7 @@ def refuse_embedded(batch: Batch) -> None:
         missing.append("ATLAS_STATE_URL (state in Postgres)")
     seen: set[str] = set()
     for item in batch.items:
-        spec = load_task(item.task_file)
+        spec = load_task(item.task_file, overrides=item.overrides or None)
         uri = (
             opts.tracking_uri or spec.tracing.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         )
