@@ -473,6 +473,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {f['first_event_ms']:.0f} ms (to `end`: {f['end_ms']:.0f} ms) | {f['goal']} "
             f"| {_yes(f)} |"
         )
+    if "batch" in b:
+        a = b["batch"]
+        rate = a["tasks_per_s"]
+        lines.append(
+            f"| `atlas batch`, {a['workload']}: tasks/s with 1 and 2 local workers, Ray with 2 "
+            f"| {rate['local-1']:.3f}, {rate['local-2']:.3f}, {rate['ray-2']:.3f} (2 workers "
+            f"{a['speedup_2_workers']:.2f}x one, efficiency {a['scaling_efficiency']:.2f}; Ray "
+            f"{a['ray_overhead_per_task_s']:+.2f} s per task over the pool) | {a['goal']} "
+            f"| {_yes(a)} |"
+        )
     if "memory" in b:
         lines += _memory_rows(b["memory"])
     if "fanout" in b:
