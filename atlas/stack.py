@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,27 +101,30 @@ def check_memory(spec: Any, state_dir: Path) -> list[PartCheck]:
     try:
         settings = spec.memory
         if settings.vector_url:
-            where = public_url(settings.vector_url)
-            try:
-                _ = memory.vector.collection
-                checks.append(PartCheck("vector memory", where))
-            except AtlasError as exc:
-                checks.append(PartCheck("vector memory", where, _why(exc)))
+            checks.append(
+                _opened("vector memory", settings.vector_url, lambda: memory.vector.collection)
+            )
         else:
             checks.append(_embedded("vector memory", memory.directory / VECTOR_DIR))
         if is_server_uri(settings.graph_uri):
-            where = public_url(str(settings.graph_uri))
-            try:
-                _ = memory.graph.backend
-                checks.append(PartCheck("graph memory", where))
-            except AtlasError as exc:
-                checks.append(PartCheck("graph memory", where, _why(exc)))
+            checks.append(
+                _opened("graph memory", str(settings.graph_uri), lambda: memory.graph.backend)
+            )
         else:
             checks.append(_embedded("graph memory", memory.directory / GRAPH_FILE))
     finally:
         with contextlib.suppress(Exception):
             memory.close()
     return checks
+
+
+def _opened(part: str, url: str, open_store: Callable[[], object]) -> PartCheck:
+    """A memory server, opened as a run opens it."""
+    try:
+        open_store()
+    except AtlasError as exc:
+        return PartCheck(part, public_url(url), _why(exc))
+    return PartCheck(part, public_url(url))
 
 
 def _embedded(part: str, path: Path) -> PartCheck:

@@ -115,10 +115,16 @@ def _experiment(experiment_id: str) -> Any:
         yield
     finally:
         fluent._active_experiment_id = before
-        if env_before is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = env_before
+        _put_env("MLFLOW_EXPERIMENT_ID", env_before)
+
+
+def _put_env(name: str, value: str | None) -> None:
+    """Put an environment variable back as it was (MLflow's setters export theirs, and worker
+    processes started later would inherit them)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def evaluate_variant(
@@ -147,16 +153,13 @@ def evaluate_variant(
     try:
         return _evaluate(out, suite, results, uri, eval_id=eval_id, scorers=scorers)
     finally:
-        # Put back exactly what was there: MLflow's setter also exports the URI to the
-        # environment, which the next variant's worker processes would inherit.
+        # Put back exactly what was there, the exported environment variable too: the next
+        # variant's worker processes would inherit it.
         if before is None:
             _tracking_service.utils._tracking_uri = None
         else:
             mlflow.set_tracking_uri(before)
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
+        _put_env("MLFLOW_TRACKING_URI", env_before)
 
 
 def _evaluate(
@@ -263,6 +266,7 @@ def run_eval(
     from atlas.context import new_run_id
     from atlas.eval.scorers import builtin_scorers, user_scorer
     from atlas.runs_postgres import state_url
+    from atlas.spec import merge_fields
 
     tell = say or (lambda text: None)
     scorers = [*builtin_scorers(), *(user_scorer(ref) for ref in suite.scorers)]
@@ -272,8 +276,6 @@ def run_eval(
     batches = []
     for name, fields in variants.items():
         overrides, variant_model = variant_fields(suite, fields)
-        from atlas.spec import merge_fields
-
         entries = [
             (file, merge_fields(case_fields, overrides), f"{name}/{case}")
             for case, file, case_fields, _ in cases
